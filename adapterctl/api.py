@@ -1,0 +1,341 @@
+"""The importable verbs behind every command (STYLE: sqlite-utils). The CLI only parses and prints."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from adapterctl.config import Config
+from adapterctl.errors import AdapterctlError, UsageError, VersionConflict
+from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now
+from adapterctl.manifest import Manifest, locked
+from adapterctl.names import check_version_id
+from adapterctl.plan import Plan, Target, gather_facts, plan_deploy, plan_rollback
+from adapterctl.transports import open_transport
+from adapterctl.transports.base import Transport
+from adapterctl.versioning import (
+    check_existing,
+    inspect_adapter,
+    manifest_entry,
+    newest_adapter,
+    store_copy,
+    version_id,
+)
+
+
+def split_names(values: Iterable[str] | None) -> list[str]:
+    """Accept repeated flags and space/comma separated lists: ['a b', 'c,d'] → [a, b, c, d]."""
+    out: list[str] = []
+    for v in values or ():
+        for part in v.replace(",", " ").split():
+            if part not in out:
+                out.append(part)
+    return out
+
+
+def select_endpoints(cfg: Config, names: list[str]) -> list[str]:
+    if not names:
+        raise UsageError(
+            "no endpoints selected",
+            f"use --endpoints NAME... or --endpoints all (known: {', '.join(cfg.endpoints) or 'none'})",
+        )
+    if names == ["all"]:
+        return list(cfg.endpoints)
+    return [cfg.endpoint(n).name for n in names]
+
+
+def new_deployment_id(clock: Callable[[], datetime]) -> str:
+    return f"{clock():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+# -- version phase ---------------------------------------------------------------------------
+def register_version(
+    cfg: Config,
+    model: str,
+    source: Path,
+    cycle: int | None,
+    clock: Callable[[], datetime],
+    identity: Identity,
+    expect: Target | None = None,
+) -> tuple[str, bool]:
+    """Validate, hash and store an adapter; record it. Returns (version_id, newly_created).
+
+    Raises AdapterInvalid, VersionConflict, ManifestCorrupt.
+    """
+    if cycle is None:
+        raise UsageError("registering a new adapter needs --cycle N")
+    info = inspect_adapter(source)
+    with locked(cfg.store) as manifest:
+        existing = manifest.by_sha(model, info.sha256)
+        check_existing(model, existing, info)
+        if existing:
+            store_copy(cfg.store, model, existing["version_id"], info)  # heal a missing store dir
+            return existing["version_id"], False
+        vid = version_id(cycle, clock(), info.sha256)
+        if expect is not None and expect.version_id != vid:
+            raise VersionConflict(
+                f"model {model}: {source} changed since the plan was made "
+                f"(now {vid}, planned {expect.version_id})",
+                "run the command again",
+            )
+        clash = manifest.version(model, vid)
+        if clash:
+            raise VersionConflict(f"model {model}: {vid} is already registered with sha256 {clash['sha256']}")
+        store_copy(cfg.store, model, vid, info)
+        manifest.add_version(
+            model, manifest_entry(info, vid, cycle, iso(clock()), f"{identity.user}@{identity.host}")
+        )
+        return vid, True
+
+
+def _target_from_source(cfg: Config, manifest: Manifest, model: str, cycle: int, clock) -> Target:
+    src = newest_adapter(cfg.models[model].source)
+    info = inspect_adapter(src)
+    existing = manifest.by_sha(model, info.sha256)
+    check_existing(model, existing, info)
+    if existing:
+        return _target_from_entry(cfg, model, existing)
+    vid = version_id(cycle, clock(), info.sha256)
+    clash = manifest.version(model, vid)
+    if clash:
+        raise VersionConflict(f"model {model}: {vid} is already registered with other bytes")
+    return Target(model, vid, info.files, info.size_bytes, cfg.store / model / vid, source=src, cycle=cycle)
+
+
+def _target_from_entry(cfg: Config, model: str, entry: dict[str, Any]) -> Target:
+    store_dir = cfg.store / model / entry["version_id"]
+    if not store_dir.is_dir():
+        raise UsageError(
+            f"model {model}: {entry['version_id']} is in the manifest but {store_dir} is missing",
+            "register the adapter again from its source",
+        )
+    return Target(
+        model, entry["version_id"], entry["files"], entry["size_bytes"], store_dir, cycle=entry.get("cycle")
+    )
+
+
+def resolve_targets(
+    cfg: Config, models: list[str], cycle: int | None, version: str | None, clock
+) -> list[Target]:
+    """What to deploy, without writing: newest source adapter per model (--cycle) or --version."""
+    manifest = Manifest.load(cfg.store)
+    if version is not None:
+        check_version_id(version)
+        owners = [m for m in (models or manifest.model_of(version)) if manifest.version(m, version)]
+        if not owners:
+            raise UsageError(
+                f"version {version} is not registered{' for ' + ', '.join(models) if models else ''}",
+                "see `adapterctl versions`",
+            )
+        return [_target_from_entry(cfg, m, manifest.require_version(m, version)) for m in owners]
+    if cycle is None:
+        raise UsageError(
+            "say what to deploy: --cycle N (register the newest adapter of each model) "
+            "or --version VERSION_ID"
+        )
+    if not models:
+        raise UsageError("no models selected", "use --models NAME... or --all-adapters")
+    return [_target_from_source(cfg, manifest, m, cycle, clock) for m in models]
+
+
+def _check_health_config(cfg: Config, models: Iterable[str]) -> None:
+    """Load every suite and engine a run will need, so a bad one stops it before anything is written."""
+    from adapterctl.health import make_engine, resolve_suite
+
+    for m in models:
+        spec = cfg.models[m].health
+        if spec is not None and spec.suite != "none":
+            resolve_suite(spec.suite, cfg.path.parent)
+            make_engine(
+                {"engine": spec.engine, "command": spec.command, "timeout_s": spec.timeout_s, "env": spec.env}
+            )
+
+
+@dataclass
+class Session:
+    """Transports opened for one command, closed together."""
+
+    cfg: Config
+    transports: dict[str, Transport]
+
+    @classmethod
+    def open(cls, cfg: Config, endpoints: list[str]) -> Session:
+        return cls(cfg, {n: open_transport(cfg.endpoints[n]) for n in endpoints})
+
+    def facts(self, models_of: Callable[[str], list[str]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, tr in self.transports.items():
+            try:
+                out[name] = gather_facts(self.cfg.endpoints[name], tr, models_of(name))
+            except AdapterctlError as exc:
+                out[name] = exc
+        return out
+
+    def close(self) -> None:
+        for tr in self.transports.values():
+            with contextlib.suppress(Exception):
+                tr.close()
+
+
+def deploy(
+    cfg: Config,
+    *,
+    models: list[str],
+    endpoints: list[str],
+    cycle: int | None = None,
+    version: str | None = None,
+    dry_run: bool = False,
+    break_lock: bool = False,
+    clock: Callable[[], datetime] = utc_now,
+    identity: Identity | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+    command: str = "",
+    on_plan: Callable[[Plan], None] = lambda p: None,
+) -> Report:
+    """Plan a deploy and, unless dry_run, execute exactly that plan. Raises UsageError & co."""
+    identity = identity or Identity.current()
+    models = [cfg.model(m).name for m in models]
+    eps = select_endpoints(cfg, endpoints)
+    targets = resolve_targets(cfg, models, cycle, version, clock)
+    served = [t for t in targets if any(cfg.endpoints[e].serves(t.model) for e in eps)]
+    if not served:
+        raise UsageError(
+            f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(t.model for t in targets)}",
+            "check `models:` of those endpoints",
+        )
+    _check_health_config(cfg, [t.model for t in targets])
+    session = Session.open(cfg, eps)
+    try:
+        facts = session.facts(lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)])
+        plan = plan_deploy(cfg, new_deployment_id(clock), targets, facts, cycle=cycle)
+        if dry_run:
+            return Report(plan, [], _blocked_code(plan), dry_run=True)
+        on_plan(plan)
+        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command)
+        report = execute(plan, ctx)
+        report.exit_code = max(report.exit_code, _blocked_code(plan), key=[0, 4, 5, 3, 1].index)
+        return report
+    finally:
+        session.close()
+
+
+def _blocked_code(plan: Plan) -> int:
+    return 1 if plan.blocked else 0
+
+
+def rollback(
+    cfg: Config,
+    *,
+    endpoints: list[str],
+    models: list[str],
+    to: str = "previous",
+    dry_run: bool = False,
+    break_lock: bool = False,
+    clock: Callable[[], datetime] = utc_now,
+    identity: Identity | None = None,
+    progress: Callable[[str], None] = lambda s: None,
+    command: str = "",
+    on_plan: Callable[[Plan], None] = lambda p: None,
+) -> Report:
+    """Swap `active` back (to previous, last-good or a VERSION) and reload. Raises UsageError."""
+    identity = identity or Identity.current()
+    if to not in ("previous", "last-good"):
+        if to == "base":
+            raise UsageError(
+                "--to base (serve with no adapter) is not built yet", "use previous, last-good or VERSION"
+            )
+        check_version_id(to)
+    eps = select_endpoints(cfg, endpoints)
+    chosen = [cfg.model(m).name for m in models] or list(cfg.models)
+    pairs = [(e, m) for e in eps for m in chosen if cfg.endpoints[e].serves(m)]
+    if not pairs:
+        raise UsageError("nothing to roll back: the selected endpoints serve none of the selected models")
+    session = Session.open(cfg, eps)
+    try:
+        facts = session.facts(lambda e: [m for (ep, m) in pairs if ep == e])
+        for f in facts.values():
+            if isinstance(f, AdapterctlError):
+                raise f
+        if models == [] and to == "previous":
+            # with no --models, roll back only the models that have something to roll back to
+            pairs = [(e, m) for e, m in pairs if facts[e]["models"][m]["previous"]] or pairs
+        plan = plan_rollback(cfg, new_deployment_id(clock), pairs, facts, to)
+        if dry_run:
+            return Report(plan, [], 0, dry_run=True)
+        on_plan(plan)
+        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command)
+        return execute(plan, ctx)
+    finally:
+        session.close()
+
+
+def status(cfg: Config, endpoints: list[str]) -> list[dict[str, Any]]:
+    """Live state per (endpoint, model) with drift between links, status.json and the manifest."""
+    eps = select_endpoints(cfg, endpoints or ["all"])
+    manifest = Manifest.load(cfg.store)
+    rows: list[dict[str, Any]] = []
+    session = Session.open(cfg, eps)
+    try:
+        facts = session.facts(lambda e: [m for m in cfg.models if cfg.endpoints[e].serves(m)])
+    finally:
+        session.close()
+    for name, f in facts.items():
+        ep = cfg.endpoints[name]
+        if isinstance(f, AdapterctlError):
+            rows.append({"endpoint": name, "model": None, "kind": ep.kind, "error": str(f)})
+            continue
+        recorded = (f.get("status") or {}).get("models", {})
+        for model, mf in f["models"].items():
+            st = recorded.get(model, {})
+            drift = []
+            if st and st.get("active_version") != mf["active"]:
+                drift.append(
+                    f"status.json says active {st.get('active_version')}, link points at {mf['active']}"
+                )
+            if mf["active"] and mf["active"] != "?" and not manifest.version(model, mf["active"]):
+                drift.append(f"{mf['active']} is not in the manifest")
+            if f.get("status_error"):
+                drift.append(f["status_error"])
+            rows.append(
+                {
+                    "endpoint": name,
+                    "model": model,
+                    "kind": ep.kind,
+                    "reload_method": ep.reload_method,
+                    "active": mf["active"],
+                    "previous": mf["previous"],
+                    "releases": [r["version_id"] for r in mf["releases"]],
+                    "health_status": st.get("health_status"),
+                    "last_good_version": st.get("last_good_version"),
+                    "last_reload": st.get("last_reload"),
+                    "drift": drift,
+                    "locked_by": (f.get("lock") or {}).get("deployment_id"),
+                    "error": None,
+                }
+            )
+    return rows
+
+
+def read_log(cfg: Config, endpoint: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    """The last `limit` lines of deploy_log.jsonl (optionally of one endpoint); bad lines are reported."""
+    import json
+
+    path = cfg.store / "deploy_log.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            rec = {"action": "?", "status": "unreadable", "error": f"{path}:{n}: {exc.msg}"}
+        if endpoint is None or rec.get("endpoint") == endpoint:
+            rows.append(rec)
+    return rows[-limit:] if limit else rows

@@ -1,0 +1,432 @@
+"""The command line: parse, call adapterctl.api, print. stdout is data, stderr is progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterctl import __version__
+from adapterctl.errors import EXIT_CODES_DOC, EXIT_USAGE, AdapterctlError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+_EXIT_HELP = "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES_DOC.items()) + "."
+app = typer.Typer(
+    help="Deploy LoRA adapters from the training box to inference endpoints: versioned, health-checked, "
+    "atomic, reversible.\n\n" + _EXIT_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+_state: dict[str, Any] = {"config": None, "debug": False}
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="adapterctl.yaml to use (else $ADAPTERCTL_CONFIG, ./adapterctl.yaml "
+        "or a parent's, ~/.config/adapterctl/adapterctl.yaml).",
+        show_default=False,
+    ),
+]
+EndpointsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--endpoints",
+        "-e",
+        help="Endpoint names: repeat the flag or list them (`-e a b`, `-e a,b`); `all` for every endpoint.",
+        show_default=False,
+    ),
+]
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option("--models", "-m", help="Model names: repeat the flag or list them.", show_default=False),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
+
+
+@app.callback()
+def _global(
+    config: ConfigOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show stack traces on errors.")] = False,
+) -> None:
+    _state["config"], _state["debug"] = config, debug
+
+
+def _config():
+    from adapterctl.config import find_config, load_config
+
+    return load_config(find_config(_state["config"], os.environ, Path.cwd(), Path.home()))
+
+
+def _split(values: list[str] | None) -> list[str]:
+    from adapterctl.api import split_names
+
+    return split_names(values)
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def render_plan(plan, console: Console, dry_run: bool) -> None:
+    from adapterctl.plan import human_bytes
+
+    head = "DRY RUN — nothing will be changed" if dry_run else "executing"
+    console.print(f"Plan {plan.kind} {plan.deployment_id} ({head}); {len(plan.steps)} steps")
+    group: tuple[Any, ...] = ()
+    for s in plan.steps:
+        key = (s.endpoint, s.model, s.version)
+        if key != group:
+            group = key
+            if s.endpoint is None:
+                console.print("  phase version (training box)")
+            elif s.model is None:
+                console.print(f"  endpoint {s.endpoint}")
+            else:
+                console.print(f"  endpoint {s.endpoint} · model {s.model} · version {s.version}")
+        size = f"  [{human_bytes(s.bytes)}]" if s.phase == "transfer" and s.action == "transfer" else ""
+        console.print(f"    {s.phase:<13} {s.summary}{size}", markup=False)
+    for note in plan.notes:
+        console.print(f"  · {note}", markup=False)
+    for ep, _model, why in plan.blocked:
+        console.print(f"  ✗ {ep}: cannot run: {why}", markup=False)
+    console.print(f"  bytes to send: {human_bytes(plan.bytes_to_send())}")
+
+
+def _report_json(report) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "kind": report.plan.kind,
+        "deployment_id": report.plan.deployment_id,
+        "dry_run": report.dry_run,
+        "exit_code": report.exit_code,
+        "steps": [asdict(s) | {"args": dict(s.args)} for s in report.plan.steps],
+        "notes": list(report.plan.notes),
+        "blocked": [{"endpoint": e, "model": m, "reason": w} for e, m, w in report.plan.blocked],
+        "bytes_to_send": report.plan.bytes_to_send(),
+        "outcomes": [
+            {k: v for k, v in vars(o).items() if k not in ("started", "swapped")} for o in report.outcomes
+        ],
+    }
+
+
+def _short(text: str | None, width: int = 80) -> str:
+    return "" if not text else text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        out.print_json(json.dumps(_report_json(report), default=str))
+        return
+    if report.dry_run:
+        render_plan(report.plan, out, True)
+        return
+    table = Table(title=f"{report.plan.kind} {report.plan.deployment_id}")
+    for col in ("endpoint", "model", "version", "status", "phases", "sent", "detail"):
+        table.add_column(col, overflow="fold")
+    from adapterctl.plan import human_bytes
+
+    for o in report.outcomes:
+        table.add_row(
+            o.endpoint,
+            o.model,
+            o.version or "-",
+            o.status,
+            " ".join(o.phases_completed),
+            human_bytes(o.bytes_sent),
+            _short(o.error),
+        )
+    for ep, _m, why in report.plan.blocked:
+        table.add_row(ep, "-", "-", "failed", "", "", why)
+    if report.outcomes or report.plan.blocked:
+        out.print(table)
+    for o in report.outcomes:
+        if o.error and len(o.error) > 80:
+            out.print(f"{o.endpoint}/{o.model}: {o.error}", markup=False)
+    for note in report.plan.notes:
+        out.print(note, markup=False)
+
+
+def _run(fn, *args, **kwargs) -> Any:
+    """Call an api function; map errors to one line on stderr and a documented exit code."""
+    try:
+        return fn(*args, **kwargs)
+    except AdapterctlError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        err.print(f"error: {exc.message}", markup=False)
+        if exc.hint:
+            err.print(f"  → {exc.hint}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: active links were never left half-swapped; rerun the command to finish")
+        raise typer.Exit(130) from None
+
+
+def _progress(line: str) -> None:
+    err.print(line, markup=False)
+
+
+# -- commands ------------------------------------------------------------------------------------
+@app.command()
+def deploy(
+    cycle: Annotated[
+        int | None,
+        typer.Option(
+            help="Training cycle N: register the newest adapter of each "
+            "model as cycle{N}_{date}_{sha8} and deploy it."
+        ),
+    ] = None,
+    models: ModelsOpt = None,
+    all_adapters: Annotated[bool, typer.Option("--all-adapters", help="Every model in the config.")] = False,
+    endpoints: EndpointsOpt = None,
+    version: Annotated[
+        str | None, typer.Option(help="Deploy this registered version id instead of --cycle.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
+    break_lock: Annotated[
+        bool, typer.Option("--break-lock", help="Break an endpoint lock older than lock_stale_after_s.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure."""
+    from adapterctl import api
+
+    cfg = _run(_config)
+    chosen = list(cfg.models) if all_adapters else _split(models)
+    report = _run(
+        api.deploy,
+        cfg,
+        models=chosen,
+        endpoints=_split(endpoints),
+        cycle=cycle,
+        version=version,
+        dry_run=dry_run,
+        break_lock=break_lock,
+        progress=_progress,
+        command=" ".join(sys.argv),
+        on_plan=lambda plan: render_plan(plan, err, False),
+    )
+    _print_report(report, as_json)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def rollback(
+    endpoints: EndpointsOpt = None,
+    models: ModelsOpt = None,
+    to: Annotated[str, typer.Option("--to", help="previous | last-good | VERSION_ID")] = "previous",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
+    break_lock: Annotated[bool, typer.Option("--break-lock", help="Break a stale endpoint lock.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point `active` back at an earlier release and reload the service (run it twice to undo it)."""
+    from adapterctl import api
+
+    cfg = _run(_config)
+    report = _run(
+        api.rollback,
+        cfg,
+        endpoints=_split(endpoints),
+        models=_split(models),
+        to=to,
+        dry_run=dry_run,
+        break_lock=break_lock,
+        progress=_progress,
+        command=" ".join(sys.argv),
+        on_plan=lambda plan: render_plan(plan, err, False),
+    )
+    _print_report(report, as_json)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
+    """What each endpoint runs now: active/previous releases, health, drift from status.json."""
+    from adapterctl import api
+
+    cfg = _run(_config)
+    rows = _run(api.status, cfg, _split(endpoints))
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title="endpoint status")
+    for col in (
+        "endpoint",
+        "model",
+        "kind",
+        "active",
+        "previous",
+        "health",
+        "last good",
+        "releases",
+        "drift",
+    ):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r.get("error"):
+            table.add_row(r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", r["error"])
+            continue
+        table.add_row(
+            r["endpoint"],
+            r["model"],
+            r["kind"],
+            r["active"] or "-",
+            r["previous"] or "-",
+            r["health_status"] or "-",
+            r["last_good_version"] or "-",
+            str(len(r["releases"])),
+            "; ".join(r["drift"]) or "",
+        )
+    out.print(table)
+
+
+@app.command()
+def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
+    """Registered adapter versions in the manifest, oldest first."""
+    from adapterctl.manifest import Manifest
+
+    cfg = _run(_config)
+    manifest = _run(Manifest.load, cfg.store)
+    chosen = _split(models) or sorted(manifest.data["versions"])
+    rows = [dict(v, model=m) for m in chosen for v in manifest.versions(m)]
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title=f"versions in {manifest.path}")
+    for col in ("model", "version", "created", "size", "dtype", "final_loss", "source"):
+        table.add_column(col, overflow="fold")
+    for v in rows:
+        loss = (v.get("training_metrics") or {}).get("final_loss")
+        table.add_row(
+            v["model"],
+            v["version_id"],
+            v["created"],
+            f"{v['size_bytes']:,}",
+            v.get("dtype", "?"),
+            "-" if loss is None else str(loss),
+            v["provenance"]["source_path"],
+        )
+    out.print(table)
+
+
+@app.command()
+def register(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name from the config.")],
+    cycle: Annotated[int, typer.Option(help="Training cycle number N for the id cycle{N}_{date}_{sha8}.")],
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Adapter directory (default: newest under the model's source).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Validate, hash and store an adapter in the manifest (the version phase alone)."""
+    from adapterctl import api
+    from adapterctl.execute import Identity, utc_now
+    from adapterctl.versioning import newest_adapter
+
+    cfg = _run(_config)
+    m = _run(cfg.model, model)
+    src = path or _run(newest_adapter, m.source)
+    vid, created = _run(api.register_version, cfg, m.name, src, cycle, utc_now, Identity.current())
+    out.print(vid)
+    err.print(
+        f"registered {m.name} {vid} from {src}" if created else f"{m.name}: already registered as {vid}",
+        markup=False,
+    )
+
+
+@app.command("log")
+def log_(
+    endpoint: Annotated[str | None, typer.Option(help="Only this endpoint.")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent entries (0 = all).")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent entries of deploy_log.jsonl."""
+    from adapterctl import api
+
+    cfg = _run(_config)
+    rows = api.read_log(cfg, endpoint, limit)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    table = Table(title=f"{cfg.store / 'deploy_log.jsonl'}")
+    for col in ("time", "action", "endpoint", "model", "version", "status", "phases", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r.get("timestamp", ""),
+            r.get("action", ""),
+            r.get("endpoint", "") or "",
+            r.get("model") or "",
+            r.get("version") or "",
+            r.get("status", ""),
+            " ".join(r.get("phases_completed") or []),
+            _short(r.get("error") or r.get("reason")),
+        )
+    out.print(table)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path | None, typer.Argument(help="Workspace to create (default: a new temp dir).", show_default=False)
+    ] = None,
+) -> None:
+    """Run the whole pipeline on this machine: two adapters, two local endpoints, a serving stand-in."""
+    from adapterctl.demo import run_demo
+
+    code = _run(run_demo, directory, out, err)
+    raise typer.Exit(code)
+
+
+def _expand_lists(argv: list[str]) -> list[str]:
+    """Let `--endpoints a b` mean `--endpoints a --endpoints b` (the original tool's syntax)."""
+    multi = {"--endpoints", "-e", "--models", "-m"}
+    result: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        result.append(tok)
+        i += 1
+        if tok in multi:
+            values = []
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            result.append(",".join(values) if values else "")
+            if not values:
+                result.pop()
+    return result
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args[:1] == ["--version"]:
+        print(f"adapterctl {__version__}")
+        return
+    try:
+        app(args=_expand_lists(args), prog_name="adapterctl")
+    except SystemExit:
+        raise
+    except Exception:  # a bug: one line unless --debug
+        if "--debug" in args:
+            raise
+        exc = sys.exc_info()[1]
+        err.print(
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            markup=False,
+        )
+        sys.exit(EXIT_USAGE if isinstance(exc, ValueError) else 1)

@@ -1,0 +1,579 @@
+"""Operations that run ON an endpoint, against its adapter_dir (DESIGN §3).
+
+This module is deliberately self-contained: standard library only, Python >= 3.8, no GNU or
+BSD tools. LocalTransport calls `handle()` in-process; an SSH transport sends this file to
+the endpoint's `python3` and calls the same `handle()` there. So macOS and Linux endpoints,
+local and remote, run one implementation of every file operation.
+
+Requests and responses are JSON: {"op": name, "args": {...}} →
+{"ok": true, "result": ...} or {"ok": false, "error": {"kind", "message", "hint"}}.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+
+CHUNK = 4 * 1024 * 1024  # read size for hashing and copying: one pass per file
+RELEASE_FILE = "RELEASE.json"
+STATUS_FILE = "status.json"
+LOCK_FILE = ".adapterctl.lock"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_VERSION = re.compile(r"^cycle\d{1,6}_\d{8}_[0-9a-f]{8}$")
+
+OPS = {}
+
+
+class OpError(Exception):
+    """A failed endpoint operation; `kind` lets the caller map it to a typed error."""
+
+    def __init__(self, kind, message, hint=None):
+        Exception.__init__(self, message)
+        self.kind, self.message, self.hint = kind, message, hint
+
+
+def op(fn):
+    OPS[fn.__name__] = fn
+    return fn
+
+
+# -- small helpers, also imported by the training-box side -----------------------------------
+def sha256_file(path, progress=None):
+    """Hex sha256 of a file, streamed in large chunks (one read pass)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK)
+            if not block:
+                break
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    """Write to a temp name in the same directory, fsync, rename into place, fsync the dir."""
+    d = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(d, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(d)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json_file(path):
+    """Parsed JSON, None when missing; OpError('corrupt') with line/column when unparsable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        line, col = getattr(exc, "lineno", "?"), getattr(exc, "colno", "?")
+        raise OpError(
+            "corrupt",
+            "%s is not valid JSON (line %s, column %s): %s" % (path, line, col, getattr(exc, "msg", exc)),
+            "it was left untouched; repair or move it aside",
+        ) from None
+
+
+def symlink_swap(link, target):
+    """Point `link` at `target` with one rename(2): never a moment without a valid link."""
+    tmp = "%s.%d.swap" % (link, os.getpid())
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_dir(os.path.dirname(os.path.abspath(link)))
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check(kind, value, pattern):
+    if not isinstance(value, str) or not pattern.match(value) or ".." in value:
+        raise OpError("invalid", "invalid %s %r" % (kind, value))
+    return value
+
+
+def _model_dir(adapter_dir, model):
+    return os.path.join(adapter_dir, _check("model name", model, _NAME))
+
+
+def _release_dir(adapter_dir, model, version):
+    return os.path.join(_model_dir(adapter_dir, model), "releases", _check("version id", version, _VERSION))
+
+
+def _staging_dir(adapter_dir, model, version):
+    return os.path.join(
+        _model_dir(adapter_dir, model), "staging", _check("version id", version, _VERSION) + ".tmp"
+    )
+
+
+def _link_target(adapter_dir, model, slot):
+    """Version id an `active`/`previous` link points at, or None; ('?', raw) if foreign."""
+    path = os.path.join(_model_dir(adapter_dir, model), slot)
+    if not os.path.islink(path):
+        return None if not os.path.exists(path) else "?"
+    raw = os.readlink(path)
+    parts = raw.rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "releases" and _VERSION.match(parts[-1]):
+        return parts[-1]
+    return "?"
+
+
+def list_files(root):
+    """Relative paths of the regular files under root (RELEASE.json excluded), sorted."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in filenames:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if rel != RELEASE_FILE and not name.endswith(".partial"):
+                out.append(rel)
+    return sorted(out)
+
+
+def hash_files(root):
+    return {rel: sha256_file(os.path.join(root, rel)) for rel in list_files(root)}
+
+
+def compare_files(expected, actual):
+    """Human lines for every difference between two {file: sha} maps (empty = identical)."""
+    problems = []
+    for name in sorted(set(expected) | set(actual)):
+        if name not in actual:
+            problems.append("%s: missing" % name)
+        elif name not in expected:
+            problems.append("%s: unexpected file" % name)
+        elif expected[name] != actual[name]:
+            problems.append("%s: sha256 %s… expected %s…" % (name, actual[name][:12], expected[name][:12]))
+    return problems
+
+
+def copy_tree(src, dest, link_dest=None, progress=None):
+    """Local transfer: copy src's files into dest, hard-linking files identical in link_dest.
+
+    Each file is written as `.name.partial`, fsynced and renamed, so an interrupted copy never
+    leaves a truncated file under its final name; files already complete in dest are kept.
+    Returns (files_sent, bytes_sent, files_linked).
+    """
+    os.makedirs(dest, exist_ok=True)
+    known = {}
+    if link_dest:
+        rel = read_json_file(os.path.join(link_dest, RELEASE_FILE)) or {}
+        known = rel.get("files", {})
+    sent = nbytes = linked = 0
+    for rel in list_files(src):
+        s, d = os.path.join(src, rel), os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(d), exist_ok=True)
+        digest = sha256_file(s)
+        if os.path.exists(d) and sha256_file(d) == digest:
+            continue
+        if known.get(rel) == digest:
+            if os.path.lexists(d):
+                os.unlink(d)
+            os.link(os.path.join(link_dest, rel), d)
+            linked += 1
+            continue
+        part = os.path.join(os.path.dirname(d), "." + os.path.basename(d) + ".partial")
+        with open(s, "rb") as fi, open(part, "wb") as fo:
+            while True:
+                block = fi.read(CHUNK)
+                if not block:
+                    break
+                fo.write(block)
+                nbytes += len(block)
+                if progress:
+                    progress(len(block))
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(part, d)
+        sent += 1
+    fsync_dir(dest)
+    return sent, nbytes, linked
+
+
+def _free_bytes(path):
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize, os.access(p, os.W_OK)
+
+
+# -- operations -------------------------------------------------------------------------------
+@op
+def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None):
+    """Everything the planner needs to know about an endpoint, read without writing."""
+    free, writable = _free_bytes(adapter_dir)
+    out = {
+        "adapter_dir_exists": os.path.isdir(adapter_dir),
+        "writable": writable,
+        "free_bytes": free,
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "lock": None,
+        "status": None,
+        "status_error": None,
+        "models": {},
+        "pid": None,
+        "compat": {},
+        "loaded": None,
+    }
+    try:
+        out["status"] = read_json_file(os.path.join(adapter_dir, STATUS_FILE))
+    except OpError as exc:
+        out["status_error"] = exc.message
+    try:
+        out["lock"] = read_json_file(os.path.join(adapter_dir, LOCK_FILE))
+    except OpError:
+        out["lock"] = {"holder": "unreadable lock file"}
+    for model in models:
+        mdir = _model_dir(adapter_dir, model)
+        releases = []
+        rdir = os.path.join(mdir, "releases")
+        for name in sorted(os.listdir(rdir)) if os.path.isdir(rdir) else []:
+            if not _VERSION.match(name):
+                continue
+            try:
+                meta = read_json_file(os.path.join(rdir, name, RELEASE_FILE))
+            except OpError:
+                meta = None
+            releases.append(
+                {
+                    "version_id": name,
+                    "complete": bool(meta),
+                    "files": (meta or {}).get("files", {}),
+                    "created": (meta or {}).get("created"),
+                    "mtime": os.stat(os.path.join(rdir, name)).st_mtime,
+                }
+            )
+        sdir = os.path.join(mdir, "staging")
+        staging = (
+            sorted(n[:-4] for n in os.listdir(sdir) if n.endswith(".tmp")) if os.path.isdir(sdir) else []
+        )
+        out["models"][model] = {
+            "active": _link_target(adapter_dir, model, "active"),
+            "previous": _link_target(adapter_dir, model, "previous"),
+            "releases": releases,
+            "staging": staging,
+        }
+    if pidfile:
+        out["pid"] = check_pidfile(pidfile)
+    if loaded_file:
+        try:
+            out["loaded"] = read_json_file(loaded_file)
+        except OpError as exc:
+            out["loaded"] = {"ok": False, "error": exc.message}
+    for link, _target in (compat_links or {}).items():
+        if os.path.islink(link):
+            out["compat"][link] = {"state": "link", "target": os.readlink(link)}
+        elif os.path.exists(link):
+            out["compat"][link] = {"state": "other", "target": None}
+        else:
+            out["compat"][link] = {"state": "missing", "target": None}
+    return out
+
+
+@op
+def prepare_staging(adapter_dir, model, version):
+    """Create (or keep, for resuming) staging/{id}.tmp; returns its path."""
+    path = _staging_dir(adapter_dir, model, version)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@op
+def remove_staging(adapter_dir, model, version):
+    path = _staging_dir(adapter_dir, model, version)
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    return path
+
+
+@op
+def finalize_release(adapter_dir, model, version, files, meta):
+    """Hash every staged file here, compare with `files`, then rename staging → releases/{id}.
+
+    Mismatching files are deleted from staging so a rerun sends them again.
+    """
+    staging = _staging_dir(adapter_dir, model, version)
+    release = _release_dir(adapter_dir, model, version)
+    actual = hash_files(staging)
+    problems = compare_files(files, actual)
+    if problems:
+        for name in files:
+            if actual.get(name) not in (None, files[name]):
+                os.unlink(os.path.join(staging, name))
+        raise OpError(
+            "hash_mismatch",
+            "staged copy of %s %s does not match the manifest: %s" % (model, version, "; ".join(problems)),
+            "the bad files were removed from staging; rerun the deploy to send them again",
+        )
+    doc = dict(meta, schema=1, model=model, version_id=version, files=files)
+    atomic_write_json(os.path.join(staging, RELEASE_FILE), doc)
+    for rel in files:
+        os.chmod(os.path.join(staging, rel), 0o444)  # releases are immutable
+    os.makedirs(os.path.dirname(release), exist_ok=True)
+    if os.path.isdir(release):
+        shutil.rmtree(staging)
+        return verify_release(adapter_dir, model, version, files)
+    os.rename(staging, release)
+    fsync_dir(os.path.dirname(release))
+    return {"path": release, "files": len(files)}
+
+
+@op
+def verify_release(adapter_dir, model, version, files):
+    """Re-hash an existing release on the endpoint and compare with the manifest."""
+    release = _release_dir(adapter_dir, model, version)
+    if not os.path.isdir(release):
+        raise OpError("missing", "release %s of %s does not exist on the endpoint" % (version, model))
+    problems = compare_files(files, hash_files(release))
+    if problems:
+        raise OpError(
+            "hash_mismatch",
+            "release %s of %s on the endpoint is damaged: %s" % (version, model, "; ".join(problems)),
+            "remove %s and deploy again" % release,
+        )
+    return {"path": release, "files": len(files)}
+
+
+@op
+def swap_links(adapter_dir, model, active, previous):
+    """Set `previous` then `active` (version ids, or None to remove) with rename(2) each.
+
+    Returns the targets they had before. Refuses to point a link at an incomplete release.
+    """
+    mdir = _model_dir(adapter_dir, model)
+    old = {
+        "active": _link_target(adapter_dir, model, "active"),
+        "previous": _link_target(adapter_dir, model, "previous"),
+    }
+    for slot, version in (("previous", previous), ("active", active)):
+        link = os.path.join(mdir, slot)
+        if version is None:
+            if os.path.lexists(link):
+                os.unlink(link)
+            continue
+        if not os.path.isfile(os.path.join(_release_dir(adapter_dir, model, version), RELEASE_FILE)):
+            raise OpError("missing", "release %s of %s is not complete on the endpoint" % (version, model))
+        if os.path.lexists(link) and not os.path.islink(link):
+            raise OpError("invalid", "%s exists and is not a symlink" % link, "move it aside and retry")
+        symlink_swap(link, "releases/" + version)
+    return old
+
+
+@op
+def set_compat_link(link, target, root):
+    """Point a backward-compatibility link (e.g. fine_tuned_gemma_mi_A) at `target`."""
+    root = os.path.abspath(root)
+    if not os.path.abspath(link).startswith(root + os.sep):
+        raise OpError("invalid", "compat link %s is outside %s" % (link, root))
+    if os.path.lexists(link) and not os.path.islink(link):
+        raise OpError(
+            "invalid",
+            "%s exists and is not a symlink" % link,
+            "move the old directory aside (e.g. to %s.orig) so adapterctl can replace it with a link" % link,
+        )
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    symlink_swap(link, target)
+    return link
+
+
+@op
+def check_pidfile(pidfile):
+    """{'pid', 'alive', 'error'} for a pidfile; never raises for a missing/dead pid."""
+    try:
+        with open(pidfile) as f:
+            text = f.read().strip()
+    except OSError as exc:
+        return {"pid": None, "alive": False, "error": "cannot read pidfile %s: %s" % (pidfile, exc.strerror)}
+    if not text.isdigit():
+        return {
+            "pid": None,
+            "alive": False,
+            "error": "pidfile %s does not hold a pid (%r)" % (pidfile, text[:40]),
+        }
+    pid = int(text)
+    alive = pid_alive(pid)
+    return {
+        "pid": pid,
+        "alive": alive,
+        "error": None if alive else "pid %d from %s is not running" % (pid, pidfile),
+    }
+
+
+@op
+def signal_pidfile(pidfile, signame="SIGUSR1"):
+    """Send `signame` to the pid in `pidfile`; OpError('no_process') if missing or dead."""
+    state = check_pidfile(pidfile)
+    if not state["alive"]:
+        raise OpError("no_process", state["error"], "start the serving process, or set reload_method: none")
+    os.kill(state["pid"], getattr(signal, signame))
+    return state["pid"]
+
+
+@op
+def read_json(path):
+    return read_json_file(path)
+
+
+@op
+def update_status(adapter_dir, endpoint, model, fields, now):
+    """Merge `fields` into status.json's entry for `model` (caller holds the endpoint lock)."""
+    path = os.path.join(adapter_dir, STATUS_FILE)
+    doc = read_json_file(path) or {"schema": 1, "endpoint": endpoint, "models": {}}
+    entry = doc.setdefault("models", {}).setdefault(_check("model name", model, _NAME), {})
+    entry.update(fields)
+    doc["updated"] = now
+    os.makedirs(adapter_dir, exist_ok=True)
+    atomic_write_json(path, doc)
+    return doc
+
+
+@op
+def lock_acquire(adapter_dir, holder, break_id=None):
+    """Create .adapterctl.lock exclusively. Returns {'acquired', 'holder', 'age_s', 'broken'}.
+
+    `break_id`: the deployment id of a stale lock the caller decided to break; only that
+    exact lock is removed, so two breakers cannot both win.
+    """
+    os.makedirs(adapter_dir, exist_ok=True)
+    path = os.path.join(adapter_dir, LOCK_FILE)
+    broken = None
+    for _attempt in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            try:
+                current = read_json_file(path) or {}
+            except OpError:
+                current = {"deployment_id": None, "note": "unreadable lock file"}
+            try:
+                age = time.time() - os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if break_id is not None and current.get("deployment_id") == break_id and broken is None:
+                os.unlink(path)
+                broken = current
+                continue
+            return {"acquired": False, "holder": current, "age_s": age, "broken": broken}
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(holder, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return {"acquired": True, "holder": holder, "age_s": 0.0, "broken": broken}
+    return {"acquired": False, "holder": {}, "age_s": 0.0, "broken": broken}
+
+
+@op
+def lock_release(adapter_dir, deployment_id):
+    path = os.path.join(adapter_dir, LOCK_FILE)
+    try:
+        current = read_json_file(path)
+    except OpError:
+        return False
+    if current and current.get("deployment_id") == deployment_id:
+        os.unlink(path)
+        return True
+    return False
+
+
+@op
+def prune(adapter_dir, model, keep):
+    """Remove the oldest releases beyond `keep`, never what active/previous point to."""
+    rdir = os.path.join(_model_dir(adapter_dir, model), "releases")
+    if not os.path.isdir(rdir):
+        return []
+    protected = {_link_target(adapter_dir, model, "active"), _link_target(adapter_dir, model, "previous")}
+    names = sorted(
+        (n for n in os.listdir(rdir) if _VERSION.match(n)),
+        key=lambda n: os.stat(os.path.join(rdir, n)).st_mtime,
+        reverse=True,
+    )
+    removed = []
+    for name in names[keep:]:
+        if name in protected:
+            continue
+        target = os.path.join(rdir, name)
+        for dirpath, _dirs, filenames in os.walk(target):
+            for fn in filenames:
+                os.chmod(os.path.join(dirpath, fn), 0o644)
+        shutil.rmtree(target)
+        removed.append(name)
+    return removed
+
+
+@op
+def free_bytes(path):
+    return _free_bytes(path)[0]
+
+
+def handle(request):
+    """Decode one JSON request, run its op, return the JSON response (never raises)."""
+    try:
+        req = json.loads(request)
+        fn = OPS.get(req.get("op"))
+        if fn is None:
+            raise OpError("invalid", "unknown endpoint operation %r" % req.get("op"))
+        result = fn(**req.get("args", {}))
+        return json.dumps({"ok": True, "result": result})
+    except OpError as exc:
+        err = {"kind": exc.kind, "message": exc.message, "hint": exc.hint}
+    except OSError as exc:
+        where = " %s" % exc.filename if exc.filename else ""
+        kind = (
+            "no_space" if exc.errno == errno.ENOSPC else "permission" if exc.errno == errno.EACCES else "os"
+        )
+        err = {"kind": kind, "message": "%s%s" % (exc.strerror or exc, where), "hint": None}
+    except Exception as exc:  # report, never crash the channel
+        err = {"kind": "bug", "message": "%s: %s" % (type(exc).__name__, exc), "hint": "rerun with --debug"}
+    return json.dumps({"ok": False, "error": err})
+
+
+if __name__ == "__main__":
+    sys.stdout.write(handle(sys.stdin.read()))

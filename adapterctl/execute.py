@@ -1,0 +1,629 @@
+"""Run a Plan's steps, exactly those, and record what happened (DESIGN §5).
+
+A failing step ends its (endpoint, model) pipeline; other pairs go on. After `swap` has
+moved `active`, any failure of a deploy rolls that pair back by itself (exit 5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapterctl import __version__
+from adapterctl.config import Config, EndpointConfig
+from adapterctl.endpoint_ops import pid_alive
+from adapterctl.errors import (
+    EXIT_FAILURE,
+    EXIT_HEALTH,
+    EXIT_LOCKED,
+    EXIT_OK,
+    EXIT_ROLLED_BACK,
+    AdapterctlError,
+    HealthCheckFailed,
+    LockHeld,
+    PhaseError,
+)
+from adapterctl.plan import Plan, Step, compat_link_paths, loaded_file
+from adapterctl.transports.base import Transport
+
+# outcome status -> exit code; worst wins in the order of EXIT_SEVERITY
+STATUS_EXIT = {
+    "success": EXIT_OK,
+    "noop": EXIT_OK,
+    "aborted": EXIT_HEALTH,
+    "rolled_back": EXIT_ROLLED_BACK,
+    "locked": EXIT_LOCKED,
+    "failed": EXIT_FAILURE,
+}
+EXIT_SEVERITY = [EXIT_OK, EXIT_HEALTH, EXIT_ROLLED_BACK, EXIT_LOCKED, EXIT_FAILURE]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who runs adapterctl, for locks and logs (passed in so tests can freeze it)."""
+
+    user: str
+    host: str
+    pid: int
+
+    @classmethod
+    def current(cls) -> Identity:
+        import getpass
+
+        return cls(getpass.getuser(), socket.gethostname(), os.getpid())
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Outcome:
+    """The result of one (endpoint, model) pipeline."""
+
+    endpoint: str
+    model: str
+    version: str | None
+    status: str = "success"
+    phases_completed: list[str] = field(default_factory=list)
+    health: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    bytes_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+    swapped: tuple[str | None, str | None] | None = None  # links to restore if a deploy fails after swap
+
+    @property
+    def done(self) -> bool:
+        return self.status != "success"
+
+
+@dataclass
+class RunContext:
+    cfg: Config
+    transports: dict[str, Transport]
+    identity: Identity
+    clock: Callable[[], datetime] = utc_now
+    progress: Callable[[str], None] = lambda line: None
+    break_lock: bool = False
+    command: str = ""
+
+
+@dataclass
+class Report:
+    plan: Plan
+    outcomes: list[Outcome]
+    exit_code: int
+    dry_run: bool = False
+
+
+def worst(codes: list[int]) -> int:
+    return max(codes, key=EXIT_SEVERITY.index, default=EXIT_OK)
+
+
+class _Run:
+    def __init__(self, plan: Plan, ctx: RunContext):
+        self.plan, self.ctx, self.cfg = plan, ctx, ctx.cfg
+        self.outcomes: dict[tuple[str, str], Outcome] = {}
+        self.locked: set[str] = set()
+        self.lock_failed: dict[str, str] = {}
+        self.failed_models: dict[str, str] = {}
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def outcome(self, step: Step) -> Outcome:
+        key = (step.endpoint, step.model)
+        if key not in self.outcomes:
+            out = Outcome(step.endpoint, step.model, step.version)
+            if self.plan.kind == "deploy":
+                out.phases_completed.append("version")
+            self.outcomes[key] = out
+        return self.outcomes[key]
+
+    def say(self, step: Step, text: str) -> None:
+        who = f"[{step.endpoint}] " if step.endpoint else ""
+        model = f"{step.model}: " if step.model else ""
+        self.ctx.progress(f"{who}{model}{text}")
+
+    def ep(self, step: Step) -> tuple[EndpointConfig, Transport]:
+        return self.cfg.endpoints[step.endpoint], self.ctx.transports[step.endpoint]
+
+    # -- main loop --------------------------------------------------------------------------
+    def run(self) -> list[Outcome]:
+        for step in self.plan.steps:
+            if step.action == "unlock":
+                self.unlock(step)
+                continue
+            if step.endpoint in self.lock_failed:
+                continue
+            if step.model in self.failed_models and self.plan.kind == "deploy":
+                out = self.outcome(step)
+                if not out.done:
+                    out.status, out.error = "failed", self.failed_models[step.model]
+                continue
+            if step.endpoint is None:
+                self.run_global(step)
+                continue
+            if step.action == "lock":
+                self.lock(step)
+                continue
+            out = self.outcome(step)
+            if out.done:
+                continue
+            try:
+                getattr(self, "do_" + step.action)(step, out)
+                if step.phase not in out.phases_completed and step.phase not in ("lock", "prune"):
+                    out.phases_completed.append(step.phase)
+            except AdapterctlError as exc:
+                self.fail(step, out, exc)
+        for ep_name, why in self.lock_failed.items():
+            for t in self.plan.targets or ():
+                if self.cfg.endpoints[ep_name].serves(t.model):
+                    o = self.outcomes.setdefault((ep_name, t.model), Outcome(ep_name, t.model, t.version_id))
+                    o.status, o.error = "locked", why
+            if not self.plan.targets:
+                for s in self.plan.steps:
+                    if s.endpoint == ep_name and s.model:
+                        o = self.outcome(s)
+                        o.status, o.error = "locked", why
+        return list(self.outcomes.values())
+
+    def fail(self, step: Step, out: Outcome, exc: AdapterctlError) -> None:
+        out.error = str(exc)
+        if isinstance(exc, HealthCheckFailed):
+            out.status = "aborted"
+            self.say(step, f"ABORTED: {exc.message}; active untouched")
+            self.status_update(
+                step,
+                {
+                    "last_aborted": {
+                        "version": step.version,
+                        "reason": exc.message,
+                        "at": iso(self.ctx.clock()),
+                    }
+                },
+            )
+            return
+        self.say(step, f"FAILED in {step.phase}: {exc}")
+        if out.swapped is not None and self.plan.kind == "deploy":
+            self.auto_rollback(step, out, exc)
+            return
+        out.status = "failed"
+
+    # -- version phase ----------------------------------------------------------------------
+    def run_global(self, step: Step) -> None:
+        try:
+            getattr(self, "do_" + step.action)(step)
+        except AdapterctlError as exc:
+            self.failed_models[step.model] = str(exc)
+            self.ctx.progress(f"{step.model}: FAILED in {step.phase}: {exc}")
+
+    def do_register(self, step: Step) -> None:
+        from adapterctl.api import register_version
+
+        target = next(t for t in self.plan.targets if t.model == step.model)
+        vid, created = register_version(
+            self.cfg,
+            step.model,
+            Path(step.arg("source")),
+            self.plan.cycle,
+            self.ctx.clock,
+            self.ctx.identity,
+            expect=target,
+        )
+        self.ctx.progress(
+            f"{step.model}: registered {vid}" if created else f"{step.model}: {vid} already registered"
+        )
+
+    # -- locks ------------------------------------------------------------------------------
+    def lock(self, step: Step) -> None:
+        ep, tr = self.ep(step)
+        ident = self.ctx.identity
+        holder = {
+            "user": ident.user,
+            "host": ident.host,
+            "pid": ident.pid,
+            "deployment_id": self.plan.deployment_id,
+            "started_at": iso(self.ctx.clock()),
+            "command": self.ctx.command,
+        }
+        try:
+            got = tr.call("lock_acquire", adapter_dir=ep.adapter_dir, holder=holder)
+            if not got["acquired"]:
+                h = got["holder"]
+                dead = (
+                    h.get("host") == ident.host and isinstance(h.get("pid"), int) and not pid_alive(h["pid"])
+                )
+                old = self.ctx.break_lock and got["age_s"] > self.cfg.lock_stale_after_s
+                if dead or old:
+                    why = (
+                        f"its holder pid {h.get('pid')} on {h.get('host')} is gone"
+                        if dead
+                        else (f"it is {got['age_s']:.0f} s old and --break-lock was given")
+                    )
+                    self.say(step, f"breaking the lock of deployment {h.get('deployment_id')}: {why}")
+                    got = tr.call(
+                        "lock_acquire",
+                        adapter_dir=ep.adapter_dir,
+                        holder=holder,
+                        break_id=h.get("deployment_id"),
+                    )
+                    self.log_line(
+                        {
+                            "action": "break_lock",
+                            "endpoint": ep.name,
+                            "status": "success",
+                            "broken_holder": h,
+                            "reason": why,
+                        }
+                    )
+            if not got["acquired"]:
+                h = got["holder"]
+                raise LockHeld(
+                    f"endpoint {ep.name}: locked by {h.get('user')}@{h.get('host')} pid {h.get('pid')} since "
+                    f"{h.get('started_at')} (deployment {h.get('deployment_id')}, {got['age_s']:.0f} s ago)",
+                    f"wait for it to finish; if it is gone, rerun with --break-lock "
+                    f"(allowed after {self.cfg.lock_stale_after_s:g} s)",
+                )
+            self.locked.add(ep.name)
+        except AdapterctlError as exc:
+            self.lock_failed[ep.name] = str(exc)
+            self.say(step, f"FAILED: {exc}")
+
+    def unlock(self, step: Step) -> None:
+        if step.endpoint in self.locked:
+            ep, tr = self.ep(step)
+            try:
+                tr.call("lock_release", adapter_dir=ep.adapter_dir, deployment_id=self.plan.deployment_id)
+            except AdapterctlError as exc:
+                self.say(step, f"could not release the lock: {exc}")
+            self.locked.discard(step.endpoint)
+
+    # -- pipeline steps ---------------------------------------------------------------------
+    def do_convert(self, step: Step, out: Outcome) -> None:
+        pass  # the plan says what conversion means for this kind; nothing to run yet
+
+    def do_verify_release(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        tr.call(
+            "verify_release",
+            adapter_dir=ep.adapter_dir,
+            model=step.model,
+            version=step.version,
+            files=step.arg("files"),
+        )
+        self.say(step, f"releases/{step.version} present, hashes verified on the endpoint")
+
+    def do_transfer(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        staging = tr.call(
+            "prepare_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version
+        )
+        link = step.arg("link_dest")
+        link_dest = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link else None
+        try:
+            result = tr.sync_tree(Path(step.arg("src")), staging, link_dest)
+        except AdapterctlError:
+            tr.call("remove_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version)
+            raise
+        out.bytes_sent += result.bytes_sent
+        self.say(
+            step,
+            f"sent {result.files_sent} files ({result.bytes_sent} bytes), "
+            f"linked {result.files_linked} unchanged",
+        )
+
+    def do_publish(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        target = next((t for t in self.plan.targets if t.model == step.model), None)
+        meta = {
+            "created": iso(self.ctx.clock()),
+            "sha256": step.arg("files").get("adapter_model.safetensors"),
+            "deployment_id": self.plan.deployment_id,
+            "cycle": target.cycle if target else None,
+        }
+        tr.call(
+            "finalize_release",
+            adapter_dir=ep.adapter_dir,
+            model=step.model,
+            version=step.version,
+            files=step.arg("files"),
+            meta=meta,
+        )
+        self.say(step, f"hashes verified on the endpoint; published releases/{step.version}")
+
+    def do_health(self, step: Step, out: Outcome) -> None:
+        result = self.health(step, f"releases/{step.version}")
+        if result is not None:
+            out.health["pre_activation"] = result
+            if not result["all_passed"]:
+                raise HealthCheckFailed(self.health_message(step, result))
+
+    def do_check_service(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        state = tr.call("check_pidfile", pidfile=ep.pidfile)
+        if not state["alive"]:
+            raise PhaseError(
+                f"endpoint {ep.name}: {state['error']}; nothing was swapped",
+                "start the serving process (it writes the pidfile), or set reload_method: none",
+            )
+
+    def do_swap(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        old = tr.call(
+            "swap_links",
+            adapter_dir=ep.adapter_dir,
+            model=step.model,
+            active=step.arg("active"),
+            previous=step.arg("previous"),
+        )
+        out.swapped = (old["active"], old["previous"])
+        self.say(step, f"active → {step.arg('active')} (was {old['active'] or 'none'})")
+        self.status_update(
+            step,
+            {
+                "active_version": step.arg("active"),
+                "previous_version": step.arg("previous"),
+                "health_status": "verifying" if self.plan.kind == "deploy" else "unverified",
+            },
+        )
+
+    def do_compat_link(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        tr.call(
+            "set_compat_link",
+            link=step.arg("link"),
+            target=f"{ep.adapter_dir}/{step.model}/active",
+            root=os.path.dirname(ep.adapter_dir.rstrip("/")),
+        )
+
+    def do_reload(self, step: Step, out: Outcome, version: str | None = None) -> None:
+        ep, tr = self.ep(step)
+        expect = step.version if version is None else version
+        if ep.reload_method == "none":
+            return
+        if ep.reload_method != "sigusr1":
+            raise PhaseError(f"endpoint {ep.name}: reload_method {ep.reload_method} is not built yet")
+        path = loaded_file(ep)
+        before = tr.call("read_json", path=path) if path else None
+        pid = tr.call("signal_pidfile", pidfile=ep.pidfile)
+        self.status_update(step, {"last_reload": iso(self.ctx.clock())})
+        if before is None:
+            self.say(step, f"SIGUSR1 sent to pid {pid} (no loaded.json: reload not confirmed)")
+            return
+        deadline = time.monotonic() + ep.reload_timeout_s
+        while True:
+            now = tr.call("read_json", path=path) or {}
+            if now.get("seq", now.get("loaded_at")) != before.get("seq", before.get("loaded_at")):
+                break
+            if time.monotonic() > deadline:
+                raise PhaseError(
+                    f"endpoint {ep.name}: pid {pid} did not confirm the reload within "
+                    f"{ep.reload_timeout_s:g} s ({path} unchanged)",
+                    "check the service log; raise reload_timeout_s if it is just slow",
+                )
+            time.sleep(0.05)
+        if not now.get("ok", True) or now.get("version_id") != expect:
+            raise PhaseError(
+                f"endpoint {ep.name}: the service reports {now.get('version_id') or 'no adapter'} "
+                f"loaded, expected {expect or 'no adapter'}: {now.get('error') or 'wrong version'}"
+            )
+        self.say(step, f"pid {pid} confirmed it loaded {expect or 'no adapter'}")
+
+    def do_verify(self, step: Step, out: Outcome) -> None:
+        result = self.health(step, "active")
+        if result is None:
+            if not step.arg("report_only"):
+                self.mark_good(step)
+            return
+        out.health["post_activation"] = result
+        if result["all_passed"]:
+            self.mark_good(step)
+            return
+        message = self.health_message(step, result)
+        if step.arg("report_only"):
+            self.status_update(step, {"health_status": "unhealthy"})
+            raise PhaseError(message, "the rollback stands; choose another release with --to VERSION")
+        raise HealthCheckFailed(message)
+
+    def do_prune(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        removed = tr.call(
+            "prune", adapter_dir=ep.adapter_dir, model=step.model, names=list(step.arg("names"))
+        )
+        if removed:
+            self.say(step, f"pruned {', '.join(removed)}")
+
+    # -- helpers ----------------------------------------------------------------------------
+    def health(self, step: Step, where: str) -> dict[str, Any] | None:
+        from adapterctl.health import HealthTarget, make_engine, resolve_suite, run_suite
+
+        ep, tr = self.ep(step)
+        spec = self.cfg.models[step.model].health
+        if spec is None or spec.suite == "none":
+            return None
+        suite = resolve_suite(spec.suite, self.cfg.path.parent)
+        engine = make_engine(
+            {"engine": spec.engine, "command": spec.command, "timeout_s": spec.timeout_s, "env": spec.env}
+        )
+        target = HealthTarget(
+            endpoint=ep.name,
+            model=step.model,
+            version_id=step.version or "",
+            release_path=f"{ep.adapter_dir}/{step.model}/{where}",
+            adapter_dir=ep.adapter_dir,
+            base_model=self.cfg.models[step.model].base_model,
+            transport=tr,
+        )
+        result = run_suite(suite, engine, target)
+        d = result.to_dict()
+        verdict = "passed" if result.all_passed else f"FAILED ({len(result.failures)} of {d['cases']})"
+        self.say(
+            step,
+            f"health-check {where}: {verdict}, p50 {d['latency_p50_ms']:.0f} ms, "
+            f"p95 {d['latency_p95_ms']:.0f} ms",
+        )
+        return d
+
+    def health_message(self, step: Step, result: dict[str, Any]) -> str:
+        lines = [f"{f['input']!r} → {f['output']!r} ({f['reason']})" for f in result["failures"]]
+        head = f"endpoint {step.endpoint}: {step.model} {step.version} failed its health check"
+        if result.get("error"):
+            head += f": {result['error']}"
+        return head + ("; " + "; ".join(lines) if lines else "")
+
+    def mark_good(self, step: Step) -> None:
+        self.status_update(
+            step,
+            {
+                "health_status": "healthy",
+                "last_good_version": step.version,
+                "last_verified": iso(self.ctx.clock()),
+            },
+        )
+
+    def auto_rollback(self, step: Step, out: Outcome, exc: AdapterctlError) -> None:
+        ep, tr = self.ep(step)
+        restore_a, restore_p = out.swapped
+        self.say(
+            step,
+            f"rolling back by itself: active → {restore_a or '(none)'}, previous → {restore_p or '(none)'}",
+        )
+        try:
+            tr.call(
+                "swap_links",
+                adapter_dir=ep.adapter_dir,
+                model=step.model,
+                active=restore_a,
+                previous=restore_p,
+            )
+            for path, model in compat_link_paths(ep).items():
+                if model == step.model:
+                    tr.call(
+                        "set_compat_link",
+                        link=path,
+                        target=f"{ep.adapter_dir}/{step.model}/active",
+                        root=os.path.dirname(ep.adapter_dir.rstrip("/")),
+                    )
+            self.do_reload(step, out, version=restore_a)
+        except AdapterctlError as exc2:
+            out.status = "failed"
+            out.error = f"{exc}; ROLLBACK ALSO FAILED: {exc2}"
+            self.status_update(step, {"health_status": "rollback_failed", "last_error": out.error})
+            self.say(step, f"ROLLBACK FAILED: {exc2} — inspect the endpoint now")
+            return
+        out.status = "rolled_back"
+        out.phases_completed.append("rollback")
+        self.status_update(
+            step,
+            {
+                "active_version": restore_a,
+                "previous_version": restore_p,
+                "health_status": "rolled_back",
+                "last_failed_version": step.version,
+                "last_error": str(exc),
+            },
+        )
+        self.say(step, f"ROLLED BACK to {restore_a or '(no adapter)'}")
+
+    def status_update(self, step: Step, fields: dict[str, Any]) -> None:
+        ep, tr = self.ep(step)
+        try:
+            tr.call(
+                "update_status",
+                adapter_dir=ep.adapter_dir,
+                endpoint=ep.name,
+                model=step.model,
+                fields=fields,
+                now=iso(self.ctx.clock()),
+            )
+        except AdapterctlError as exc:
+            self.say(step, f"warning: status.json not updated: {exc}")
+
+    def log_line(self, record: dict[str, Any]) -> None:
+        append_log(
+            self.cfg.store,
+            dict(
+                record,
+                timestamp=iso(self.ctx.clock()),
+                deployment_id=self.plan.deployment_id,
+                user=self.ctx.identity.user,
+                adapterctl_version=__version__,
+            ),
+        )
+
+
+def append_log(store: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to deploy_log.jsonl with a single write(2)."""
+    store.mkdir(parents=True, exist_ok=True)
+    data = (json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n").encode()
+    fd = os.open(store / "deploy_log.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def execute(plan: Plan, ctx: RunContext) -> Report:
+    """Run every step of `plan`; write one log line per (endpoint, model) and the deployment record."""
+    from adapterctl.manifest import locked
+
+    run = _Run(plan, ctx)
+    outcomes = run.run()
+    for o in outcomes:
+        run.log_line(
+            {
+                "action": plan.kind,
+                "cycle": plan.cycle,
+                "models": [o.model],
+                "model": o.model,
+                "version": o.version,
+                "endpoint": o.endpoint,
+                "phases_completed": o.phases_completed,
+                "health_check_results": o.health,
+                "status": o.status,
+                "error": o.error,
+                "bytes_sent": o.bytes_sent,
+                "duration_s": round(time.monotonic() - o.started, 3),
+            }
+        )
+    code = worst([STATUS_EXIT[o.status] for o in outcomes] + [EXIT_FAILURE] * bool(run.failed_models))
+    if outcomes or run.failed_models:
+        with locked(ctx.cfg.store) as manifest:
+            for name in plan.endpoints:
+                ep = ctx.cfg.endpoints[name]
+                manifest.data["endpoints"][name] = {
+                    k: v for k, v in vars(ep).items() if v not in (None, {}, ())
+                }
+            manifest.add_deployment(
+                {
+                    "id": plan.deployment_id,
+                    "timestamp": iso(ctx.clock()),
+                    "kind": plan.kind,
+                    "cycle": plan.cycle,
+                    "models": sorted({o.model for o in outcomes}),
+                    "endpoints": sorted({o.endpoint for o in outcomes}),
+                    "status": {0: "success", 4: "aborted", 5: "rolled_back"}.get(code, "failed"),
+                    "results": {
+                        f"{o.endpoint}/{o.model}": {
+                            "version": o.version,
+                            "status": o.status,
+                            "error": o.error,
+                        }
+                        for o in outcomes
+                    },
+                    "health_check_results": {
+                        f"{o.endpoint}/{o.model}": o.health for o in outcomes if o.health
+                    },
+                }
+            )
+    return Report(plan, outcomes, code)

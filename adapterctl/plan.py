@@ -1,0 +1,413 @@
+"""Facts in, frozen steps out (STYLE: pyinfra). `--dry-run` prints a Plan; a real run executes it.
+
+Nothing in this module writes anything: it reads the manifest, the adapter sources and the
+endpoints' facts, and returns data. `execute.py` runs exactly the steps returned here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.config import Config, EndpointConfig
+from adapterctl.errors import AdapterctlError, UsageError
+from adapterctl.transports.base import Transport
+
+
+@dataclass(frozen=True)
+class Step:
+    """One action of a plan. `args` holds everything execution needs, as frozen pairs."""
+
+    phase: str  # version | convert | transfer | health-check | activate | verify | prune | lock | rollback
+    action: str  # key of the executor function
+    summary: str  # what a person reads in the plan
+    endpoint: str | None = None
+    model: str | None = None
+    version: str | None = None
+    bytes: int = 0
+    args: tuple[tuple[str, Any], ...] = ()
+
+    def arg(self, key: str, default: Any = None) -> Any:
+        return dict(self.args).get(key, default)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model version to deploy: registered already, or registered by a `version` step."""
+
+    model: str
+    version_id: str
+    files: Mapping[str, str]
+    size_bytes: int
+    store_dir: Path
+    source: Path | None = None  # set when the version step must register it first
+    cycle: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # deploy | rollback
+    deployment_id: str
+    steps: tuple[Step, ...]
+    notes: tuple[str, ...] = ()  # per endpoint/model lines that need no step ("already active")
+    blocked: tuple[tuple[str, str | None, str], ...] = ()  # (endpoint, model, why) that cannot run
+    endpoints: tuple[str, ...] = ()
+    targets: tuple[Target, ...] = field(default=())
+    cycle: int | None = None
+
+    def bytes_to_send(self) -> int:
+        return sum(s.bytes for s in self.steps if s.phase == "transfer")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+human_bytes = _human
+
+
+def compat_link_paths(ep: EndpointConfig) -> dict[str, str]:
+    """Absolute link path on the endpoint -> model, for the endpoint's `compat_links`."""
+    parent = os.path.dirname(ep.adapter_dir.rstrip("/"))
+    return {os.path.join(parent, rel): model for rel, model in ep.compat_links.items()}
+
+
+def loaded_file(ep: EndpointConfig) -> str | None:
+    """Where the serving helper reports what it loaded: loaded.json beside the pidfile."""
+    return os.path.join(os.path.dirname(ep.pidfile), "loaded.json") if ep.pidfile else None
+
+
+def gather_facts(ep: EndpointConfig, transport: Transport, models: list[str]) -> dict[str, Any]:
+    """Read an endpoint's state (releases, links, lock, status, serving pid). Writes nothing."""
+    return transport.call(
+        "facts",
+        adapter_dir=ep.adapter_dir,
+        models=models,
+        pidfile=ep.pidfile if ep.reload_method == "sigusr1" else None,
+        compat_links=compat_link_paths(ep),
+        loaded_file=loaded_file(ep),
+    )
+
+
+def _newest_release(mfacts: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    complete = [r for r in mfacts["releases"] if r["complete"]]
+    return max(complete, key=lambda r: r["mtime"]) if complete else None
+
+
+def _reload_summary(ep: EndpointConfig, facts: Mapping[str, Any], version: str) -> str:
+    if ep.reload_method == "none":
+        return "reload: none configured (the service re-reads `active` on its own); outage 0 s"
+    if ep.reload_method == "sigusr1":
+        pid = (facts.get("pid") or {}).get("pid")
+        confirm = (
+            f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json to report {version}"
+            if facts.get("loaded") is not None
+            else "the service writes no loaded.json: reload cannot be confirmed"
+        )
+        return f"reload: SIGUSR1 to pid {pid} (from {ep.pidfile}); {confirm}; outage 0 s"
+    return f"reload: systemctl restart {ep.unit}; expected outage 10–20 s"
+
+
+def _service_check(ep: EndpointConfig, facts: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(summary, warning) for the pre-swap check that the serving process is alive."""
+    state = facts.get("pid") or {}
+    if state.get("alive"):
+        return f"check serving process: pid {state['pid']} from {ep.pidfile} is running", None
+    why = state.get("error") or f"no pid in {ep.pidfile}"
+    return f"check serving process ({ep.pidfile}) — now: {why}", why
+
+
+def _endpoint_steps(
+    cfg: Config, ep: EndpointConfig, facts: Mapping[str, Any], targets: list[Target], notes: list[str]
+) -> list[Step]:
+    steps: list[Step] = []
+    links = compat_link_paths(ep)
+    for t in targets:
+        mf = facts["models"][t.model]
+        if mf["active"] == t.version_id:
+            notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do")
+            continue
+        release = next((r for r in mf["releases"] if r["version_id"] == t.version_id), None)
+        base = dict(endpoint=ep.name, model=t.model, version=t.version_id)
+        n = len(t.files)
+        steps.append(
+            Step(
+                "convert",
+                "convert",
+                f"convert for {ep.kind}: none — the PEFT adapter is shipped "
+                "as is (format conversion is not built yet)",
+                **base,
+            )
+        )
+        if release and release["complete"]:
+            steps.append(
+                Step(
+                    "transfer",
+                    "verify_release",
+                    f"releases/{t.version_id} already on endpoint: re-verify sha256 of {n} files there "
+                    "(0 bytes to send)",
+                    **base,
+                    args=(("files", dict(t.files)),),
+                )
+            )
+        else:
+            newest = _newest_release(mf)
+            known = newest["files"] if newest else {}
+            send = {f: s for f, s in t.files.items() if known.get(f) != s}
+            size = _size_of(t, send)
+            reuse = (
+                f"; {n - len(send)} unchanged files linked from releases/{newest['version_id']}"
+                if newest
+                else ""
+            )
+            steps.append(
+                Step(
+                    "transfer",
+                    "transfer",
+                    f"send {len(send)} of {n} files ({_human(size)}) to staging/{t.version_id}.tmp{reuse}",
+                    bytes=size,
+                    **base,
+                    args=(("src", str(t.store_dir)), ("link_dest", newest["version_id"] if newest else None)),
+                )
+            )
+            steps.append(
+                Step(
+                    "transfer",
+                    "publish",
+                    f"sha256 of {n} files computed on the endpoint, compared with the manifest; "
+                    f"staging/{t.version_id}.tmp → releases/{t.version_id}",
+                    **base,
+                    args=(("files", dict(t.files)),),
+                )
+            )
+        model_cfg = cfg.models[t.model]
+        steps.append(
+            Step(
+                "health-check",
+                "health",
+                _health_summary(model_cfg, f"releases/{t.version_id}"),
+                **base,
+                args=(("live", False),),
+            )
+        )
+        if ep.reload_method == "sigusr1":
+            summary, warn = _service_check(ep, facts)
+            if warn:
+                notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
+            steps.append(Step("activate", "check_service", summary, **base))
+        old_a, old_p = mf["active"], mf["previous"]
+        steps.append(
+            Step(
+                "activate",
+                "swap",
+                f"previous → {old_a or '(none)'}, active → {t.version_id} (rename(2) of each link)",
+                **base,
+                args=(("active", t.version_id), ("previous", old_a)),
+            )
+        )
+        for path, model in links.items():
+            if model == t.model:
+                steps.append(
+                    Step(
+                        "activate",
+                        "compat_link",
+                        f"link {path} → {t.model}/active",
+                        **base,
+                        args=(("link", path),),
+                    )
+                )
+        steps.append(Step("activate", "reload", _reload_summary(ep, facts, t.version_id), **base))
+        steps.append(
+            Step(
+                "verify",
+                "verify",
+                _health_summary(model_cfg, "the live `active` release")
+                + f"; on failure roll back by itself: active → {old_a or '(none)'}, "
+                f"previous → {old_p or '(none)'}, reload again",
+                **base,
+                args=(("restore_active", old_a), ("restore_previous", old_p)),
+            )
+        )
+        doomed = _prune_list(mf, t.version_id, old_a, cfg.keep_releases)
+        if doomed:
+            steps.append(
+                Step(
+                    "prune",
+                    "prune",
+                    f"remove old releases {', '.join(doomed)} "
+                    f"(keep {cfg.keep_releases}; never what active/previous point to)",
+                    **base,
+                    args=(("names", tuple(doomed)),),
+                )
+            )
+    if not steps:
+        return []
+    holder = Step(
+        "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep.name
+    )
+    return [holder, *steps, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
+
+
+def _size_of(t: Target, files: Mapping[str, str]) -> int:
+    total = 0
+    for rel in files:
+        src = (t.source or t.store_dir) / rel
+        total += src.stat().st_size if src.exists() else 0
+    return total
+
+
+def _health_summary(model_cfg: Any, where: str) -> str:
+    h = model_cfg.health
+    if h is None or h.suite == "none":
+        return f"health-check {where}: no suite configured for {model_cfg.name} (structural checks only)"
+    command = " ".join(h.command or ()) or "(no command)"
+    return f"health-check {where}: suite {h.suite} via {h.engine} `{command}`"
+
+
+def _prune_list(mf: Mapping[str, Any], new: str, new_previous: str | None, keep: int) -> list[str]:
+    """Releases to remove after `new` is published, newest first kept, links protected."""
+    ordered = sorted(mf["releases"], key=lambda r: r["mtime"], reverse=True)
+    names = [new] + [r["version_id"] for r in ordered if r["version_id"] != new]
+    protected = {new, new_previous}
+    return [n for n in names[keep:] if n not in protected]
+
+
+def plan_deploy(
+    cfg: Config,
+    deployment_id: str,
+    targets: list[Target],
+    endpoint_facts: Mapping[str, Mapping[str, Any] | AdapterctlError],
+    cycle: int | None = None,
+) -> Plan:
+    """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
+    steps: list[Step] = []
+    notes: list[str] = []
+    blocked: list[tuple[str, str | None, str]] = []
+    for t in targets:
+        if t.source is not None:
+            steps.append(
+                Step(
+                    "version",
+                    "register",
+                    f"register {t.source} as {t.version_id}: copy {len(t.files)} files "
+                    f"({_human(t.size_bytes)}) into the store, record in manifest.json",
+                    model=t.model,
+                    version=t.version_id,
+                    args=(("source", str(t.source)),),
+                )
+            )
+        else:
+            notes.append(f"{t.model}: {t.version_id} is registered already ({_human(t.size_bytes)})")
+    for name, facts in endpoint_facts.items():
+        ep = cfg.endpoints[name]
+        mine = [t for t in targets if ep.serves(t.model)]
+        if isinstance(facts, AdapterctlError):
+            blocked.append((name, None, str(facts)))
+            continue
+        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes))
+    return Plan(
+        "deploy",
+        deployment_id,
+        tuple(steps),
+        tuple(notes),
+        tuple(blocked),
+        tuple(endpoint_facts),
+        tuple(targets),
+        cycle,
+    )
+
+
+def rollback_target(
+    ep: EndpointConfig, model: str, mfacts: Mapping[str, Any], status: Mapping[str, Any] | None, to: str
+) -> str:
+    """Which release `rollback --to` means on this endpoint. Raises UsageError naming what exists."""
+    have = [r["version_id"] for r in mfacts["releases"] if r["complete"]]
+    exists = f"releases there: {', '.join(have) or 'none'}; active: {mfacts['active'] or 'none'}"
+    if to == "previous":
+        target = mfacts["previous"]
+        if not target or target == "?":
+            raise UsageError(
+                f"{ep.name}: {model} has no previous release to roll back to ({exists})",
+                "roll back with --to VERSION to one of those releases",
+            )
+    elif to == "last-good":
+        target = ((status or {}).get("models", {}).get(model) or {}).get("last_good_version")
+        if not target:
+            raise UsageError(f"{ep.name}: {model} has no verified last-good release recorded ({exists})")
+    else:
+        target = to
+    if target not in have:
+        raise UsageError(f"{ep.name}: {model} has no release {target} ({exists})")
+    if target == mfacts["active"]:
+        raise UsageError(f"{ep.name}: {model} {target} is already active ({exists})")
+    return target
+
+
+def plan_rollback(
+    cfg: Config,
+    deployment_id: str,
+    pairs: list[tuple[str, str]],
+    endpoint_facts: Mapping[str, Mapping[str, Any]],
+    to: str,
+) -> Plan:
+    """Per (endpoint, model): lock, swap to the chosen release, reload, verify (report only)."""
+    steps: list[Step] = []
+    by_ep: dict[str, list[str]] = {}
+    for ep_name, model in pairs:
+        by_ep.setdefault(ep_name, []).append(model)
+    for ep_name, models in by_ep.items():
+        ep, facts = cfg.endpoints[ep_name], endpoint_facts[ep_name]
+        ep_steps: list[Step] = []
+        for model in models:
+            mf = facts["models"][model]
+            target = rollback_target(ep, model, mf, facts.get("status"), to)
+            base = dict(endpoint=ep_name, model=model, version=target)
+            if ep.reload_method == "sigusr1":
+                ep_steps.append(Step("activate", "check_service", _service_check(ep, facts)[0], **base))
+            ep_steps.append(
+                Step(
+                    "rollback",
+                    "swap",
+                    f"active → {target}, previous → {mf['active']}",
+                    **base,
+                    args=(("active", target), ("previous", mf["active"])),
+                )
+            )
+            for path, m in compat_link_paths(ep).items():
+                if m == model:
+                    ep_steps.append(
+                        Step(
+                            "rollback",
+                            "compat_link",
+                            f"link {path} → {model}/active",
+                            **base,
+                            args=(("link", path),),
+                        )
+                    )
+            ep_steps.append(Step("rollback", "reload", _reload_summary(ep, facts, target), **base))
+            ep_steps.append(
+                Step(
+                    "verify",
+                    "verify",
+                    _health_summary(cfg.models[model], "the live `active` release")
+                    + " (report only: a manual rollback is not undone by itself)",
+                    **base,
+                    args=(("report_only", True),),
+                )
+            )
+        steps += [
+            Step(
+                "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep_name
+            ),
+            *ep_steps,
+            Step("lock", "unlock", "release the endpoint lock", endpoint=ep_name),
+        ]
+    return Plan("rollback", deployment_id, tuple(steps), endpoints=tuple(by_ep))
