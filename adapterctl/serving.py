@@ -24,7 +24,6 @@ processes and must stay fast to import.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -35,13 +34,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from adapterctl.endpoint_ops import atomic_write_bytes as write_atomic
+from adapterctl.endpoint_ops import sha256_file
 from adapterctl.errors import AdapterctlError
 
 RELEASE_FILE = "RELEASE.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LOADED_FILE = "loaded.json"
 RELEASE_SCHEMA = 1
-_CHUNK = 1024 * 1024
 
 Loader = Callable[[dict | None], None]
 Clock = Callable[[], datetime]
@@ -57,47 +57,6 @@ def _utc_now() -> datetime:
 
 def _iso_z(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def sha256_file(path: str | Path) -> str:
-    """Return the hex sha256 of the file at `path`, read in 1 MiB chunks. Raises OSError."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new content, never a mix.
-
-    Writes a temp file in the same directory, fsyncs it, renames it over `path` and fsyncs the
-    directory. Raises OSError.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(dir_fd)
 
 
 def _read_release(release: Path) -> dict:

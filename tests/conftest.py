@@ -1,0 +1,172 @@
+"""Shared fixtures: a real workspace with local endpoints, real adapters and the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from adapterctl.demo import make_adapter
+
+MODEL = "gemma_4b"
+TRANSLATOR = [sys.executable, "-m", "adapterctl.demo_translator", "{release}"]
+
+
+@dataclass
+class Workspace:
+    """A training box + two local endpoints under a path with spaces and non-ASCII characters."""
+
+    root: Path
+    config: Path
+    store: Path
+    sources: dict[str, Path]
+    endpoints: dict[str, Path]  # name -> adapter_dir
+    servers: list[subprocess.Popen] = field(default_factory=list)
+
+    def cli(self, *args: str, check: int | None = None) -> subprocess.CompletedProcess:
+        """Run the real `adapterctl` CLI; assert the exit code when `check` is given."""
+        env = dict(os.environ, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+        proc = subprocess.run([sys.executable, "-m", "adapterctl", *args], env=env, cwd=self.root,
+                              capture_output=True, text=True, timeout=120)
+        if check is not None:
+            assert proc.returncode == check, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+        return proc
+
+    def cli_json(self, *args: str, check: int | None = None) -> dict | list:
+        return json.loads(self.cli(*args, "--json", check=check).stdout)
+
+    def new_adapter(self, model: str, run: str, seed: int, **kw) -> Path:
+        """Write a new training run under the model's source; it becomes the newest one."""
+        path = self.sources[model] / run
+        make_adapter(path, seed=seed, **kw)
+        newest = max((p / "adapter_model.safetensors").stat().st_mtime for p in self.sources[model].iterdir())
+        os.utime(path / "adapter_model.safetensors", (newest + 1, newest + 1))
+        return path
+
+    def active(self, endpoint: str, model: str = MODEL) -> str | None:
+        link = self.endpoints[endpoint] / model / "active"
+        return os.readlink(link).rsplit("/", 1)[-1] if os.path.islink(link) else None
+
+    def previous(self, endpoint: str, model: str = MODEL) -> str | None:
+        link = self.endpoints[endpoint] / model / "previous"
+        return os.readlink(link).rsplit("/", 1)[-1] if os.path.islink(link) else None
+
+    def status_json(self, endpoint: str) -> dict:
+        return json.loads((self.endpoints[endpoint] / "status.json").read_text())
+
+    def log(self) -> list[dict]:
+        path = self.store / "deploy_log.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def start_server(self, endpoint: str, model: str = MODEL) -> subprocess.Popen:
+        """Start the serving stand-in for `endpoint` (its pidfile is run/serve.pid beside adapter_dir)."""
+        run = self.endpoints[endpoint].parent / "run"
+        run.mkdir(exist_ok=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "adapterctl.serving", "--adapter-dir", str(self.endpoints[endpoint]),
+             "--model", model, "--pidfile", str(run / "serve.pid"), "--log", str(run / "serve.log")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.servers.append(proc)
+        deadline = time.monotonic() + 15
+        while not (run / "loaded.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "serving stand-in did not start"
+            time.sleep(0.05)
+        return proc
+
+    def stop_servers(self) -> None:
+        for proc in self.servers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def tree_digest(root: Path) -> str:
+    """sha256 over every path, link target, mode and file content under root."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            h.update(f"{p.relative_to(root)}|{st.st_mode}|".encode())
+            if p.is_symlink():
+                h.update(os.readlink(p).encode())
+            elif p.is_file():
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def write_config(ws_root: Path, *, mac_reload: str = "none", health_command: list[str] | None = None,
+                 extra_model: bool = False, keep: int = 5) -> Path:
+    command = json.dumps(health_command or TRANSLATOR)
+    pid = "    pidfile: ../run/serve.pid\n" if mac_reload == "sigusr1" else ""
+    models = f"""\
+  {MODEL}:
+    source: "./training data/{MODEL}"
+    base_model: local/tiny-llama
+    health:
+      suite: translation_en_es
+      engine: command
+      command: {command}
+      timeout_s: 20
+"""
+    if extra_model:
+        models += """\
+  whisper:
+    source: "./training data/whisper"
+    base_model: local/tiny-whisper
+"""
+    cfg = ws_root / "adapterctl.yaml"
+    cfg.write_text(f"""\
+store: ./adapters
+keep_releases: {keep}
+endpoints:
+  mac-dev:
+    host: local
+    adapter_dir: "./endpoints/mac dev é/adapters"
+    kind: mlx
+    reload_method: {mac_reload}
+{pid}    reload_timeout_s: 10
+    compat_links:
+      fine_tuned_gemma_mi_A: {MODEL}
+  rtx-1:
+    host: local
+    adapter_dir: "./endpoints/rtx-1 ü/adapters"
+    kind: gguf
+    reload_method: none
+models:
+{models}""", encoding="utf-8")
+    return cfg
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    """A fresh workspace with one cycle-1 adapter for gemma_4b (and whisper) in its source dir."""
+    root = tmp_path / "wörk space"
+    root.mkdir()
+    cfg = write_config(root, extra_model=True)
+    sources = {MODEL: root / "training data" / MODEL, "whisper": root / "training data" / "whisper"}
+    ws = Workspace(
+        root=root, config=cfg, store=root / "adapters", sources=sources,
+        endpoints={"mac-dev": root / "endpoints" / "mac dev é" / "adapters",
+                   "rtx-1": root / "endpoints" / "rtx-1 ü" / "adapters"},
+    )
+    ws.new_adapter(MODEL, "run1", seed=1, metrics={"final_loss": 0.9})
+    ws.new_adapter("whisper", "run1", seed=11, targets=("q_proj", "k_proj", "v_proj"))
+    try:
+        yield ws
+    finally:
+        ws.stop_servers()
