@@ -164,17 +164,21 @@ class Session:
     transports: dict[str, Transport]
 
     @classmethod
-    def open(cls, cfg: Config, endpoints: list[str]) -> Session:
-        return cls(cfg, {n: open_transport(cfg.endpoints[n]) for n in endpoints})
+    def open(cls, cfg: Config, endpoints: list[str], ssh: Any = None) -> Session:
+        return cls(cfg, {n: open_transport(cfg.endpoints[n], ssh) for n in endpoints})
 
-    def facts(self, models_of: Callable[[str], list[str]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, tr in self.transports.items():
+    def facts(self, models_of: Callable[[str], list[str]], parallel: int = 8) -> dict[str, Any]:
+        """Every endpoint's facts, read in parallel; an unreachable endpoint yields its error."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(name: str) -> Any:
             try:
-                out[name] = gather_facts(self.cfg.endpoints[name], tr, models_of(name))
+                return gather_facts(self.cfg.endpoints[name], self.transports[name], models_of(name))
             except AdapterctlError as exc:
-                out[name] = exc
-        return out
+                return exc
+
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            return dict(zip(self.transports, pool.map(one, self.transports), strict=True))
 
     def close(self) -> None:
         for tr in self.transports.values():
@@ -196,11 +200,18 @@ def deploy(
     progress: Callable[[str], None] = lambda s: None,
     command: str = "",
     on_plan: Callable[[Plan], None] = lambda p: None,
+    ssh: Any = None,
+    parallel: int = 4,
+    canary: str | None = None,
 ) -> Report:
     """Plan a deploy and, unless dry_run, execute exactly that plan. Raises UsageError & co."""
     identity = identity or Identity.current()
     models = [cfg.model(m).name for m in models]
     eps = select_endpoints(cfg, endpoints)
+    if parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, got {parallel}")
+    if canary is not None and canary not in eps:
+        raise UsageError(f"--canary {canary} is not one of the selected endpoints ({', '.join(eps)})")
     targets = resolve_targets(cfg, models, cycle, version, clock)
     served = [t for t in targets if any(cfg.endpoints[e].serves(t.model) for e in eps)]
     if not served:
@@ -209,14 +220,16 @@ def deploy(
             "check `models:` of those endpoints",
         )
     _check_health_config(cfg, [t.model for t in targets])
-    session = Session.open(cfg, eps)
+    session = Session.open(cfg, eps, ssh)
     try:
-        facts = session.facts(lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)])
-        plan = plan_deploy(cfg, new_deployment_id(clock), targets, facts, cycle=cycle)
+        facts = session.facts(
+            lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)], parallel
+        )
+        plan = plan_deploy(cfg, new_deployment_id(clock), targets, facts, cycle=cycle, canary=canary)
         if dry_run:
             return Report(plan, [], _blocked_code(plan), dry_run=True)
         on_plan(plan)
-        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command)
+        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command, parallel)
         report = execute(plan, ctx)
         report.exit_code = max(report.exit_code, _blocked_code(plan), key=[0, 4, 5, 3, 1].index)
         return report
@@ -241,6 +254,8 @@ def rollback(
     progress: Callable[[str], None] = lambda s: None,
     command: str = "",
     on_plan: Callable[[Plan], None] = lambda p: None,
+    ssh: Any = None,
+    parallel: int = 4,
 ) -> Report:
     """Swap `active` back (to previous, last-good or a VERSION) and reload. Raises UsageError."""
     identity = identity or Identity.current()
@@ -255,9 +270,9 @@ def rollback(
     pairs = [(e, m) for e in eps for m in chosen if cfg.endpoints[e].serves(m)]
     if not pairs:
         raise UsageError("nothing to roll back: the selected endpoints serve none of the selected models")
-    session = Session.open(cfg, eps)
+    session = Session.open(cfg, eps, ssh)
     try:
-        facts = session.facts(lambda e: [m for (ep, m) in pairs if ep == e])
+        facts = session.facts(lambda e: [m for (ep, m) in pairs if ep == e], parallel)
         for f in facts.values():
             if isinstance(f, AdapterctlError):
                 raise f
@@ -268,18 +283,18 @@ def rollback(
         if dry_run:
             return Report(plan, [], 0, dry_run=True)
         on_plan(plan)
-        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command)
+        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command, parallel)
         return execute(plan, ctx)
     finally:
         session.close()
 
 
-def status(cfg: Config, endpoints: list[str]) -> list[dict[str, Any]]:
+def status(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[dict[str, Any]]:
     """Live state per (endpoint, model) with drift between links, status.json and the manifest."""
     eps = select_endpoints(cfg, endpoints or ["all"])
     manifest = Manifest.load(cfg.store)
     rows: list[dict[str, Any]] = []
-    session = Session.open(cfg, eps)
+    session = Session.open(cfg, eps, ssh)
     try:
         facts = session.facts(lambda e: [m for m in cfg.models if cfg.endpoints[e].serves(m)])
     finally:

@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state: dict[str, Any] = {"config": None, "debug": False}
+_state: dict[str, Any] = {"config": None, "debug": False, "ssh_config": None, "accept_new": False}
 
 ConfigOpt = Annotated[
     str | None,
@@ -61,8 +61,29 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout inst
 def _global(
     config: ConfigOpt = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show stack traces on errors.")] = False,
+    ssh_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--ssh-config",
+            help="ssh_config file for SSH endpoints (default ~/.ssh/config).",
+            show_default=False,
+        ),
+    ] = None,
+    accept_new_host_keys: Annotated[
+        bool,
+        typer.Option(
+            "--accept-new-host-keys",
+            help="Trust and record host keys not yet in known_hosts (a changed key is always refused).",
+        ),
+    ] = False,
 ) -> None:
-    _state["config"], _state["debug"] = config, debug
+    _state.update(config=config, debug=debug, ssh_config=ssh_config, accept_new=accept_new_host_keys)
+
+
+def _ssh():
+    from adapterctl.transports.ssh import SSHOptions
+
+    return SSHOptions(ssh_config=_state["ssh_config"], accept_new_host_keys=_state["accept_new"])
 
 
 def _config():
@@ -198,6 +219,13 @@ def deploy(
     break_lock: Annotated[
         bool, typer.Option("--break-lock", help="Break an endpoint lock older than lock_stale_after_s.")
     ] = False,
+    parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
+    canary: Annotated[
+        str | None,
+        typer.Option(
+            help="Deploy to this endpoint first, through verify; touch the others only if it succeeds."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure."""
@@ -217,6 +245,9 @@ def deploy(
         progress=_progress,
         command=" ".join(sys.argv),
         on_plan=lambda plan: render_plan(plan, err, False),
+        ssh=_ssh(),
+        parallel=parallel,
+        canary=canary,
     )
     _print_report(report, as_json)
     raise typer.Exit(report.exit_code)
@@ -229,6 +260,7 @@ def rollback(
     to: Annotated[str, typer.Option("--to", help="previous | last-good | VERSION_ID")] = "previous",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
     break_lock: Annotated[bool, typer.Option("--break-lock", help="Break a stale endpoint lock.")] = False,
+    parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
     """Point `active` back at an earlier release and reload the service (run it twice to undo it)."""
@@ -246,6 +278,8 @@ def rollback(
         progress=_progress,
         command=" ".join(sys.argv),
         on_plan=lambda plan: render_plan(plan, err, False),
+        ssh=_ssh(),
+        parallel=parallel,
     )
     _print_report(report, as_json)
     raise typer.Exit(report.exit_code)
@@ -257,7 +291,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
     from adapterctl import api
 
     cfg = _run(_config)
-    rows = _run(api.status, cfg, _split(endpoints))
+    rows = _run(api.status, cfg, _split(endpoints), _ssh())
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return
@@ -290,6 +324,27 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
             "; ".join(r["drift"]) or "",
         )
     out.print(table)
+
+
+@app.command()
+def doctor(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
+    """Check each endpoint can take a deploy (login, host key, python3, rsync, disk, service); say the fix."""
+    from dataclasses import asdict
+
+    from adapterctl.doctor import doctor as run_doctor
+
+    cfg = _run(_config)
+    checks = _run(run_doctor, cfg, _split(endpoints), _ssh())
+    if as_json:
+        out.print_json(json.dumps([asdict(c) for c in checks]))
+    else:
+        table = Table(title="adapterctl doctor")
+        for col in ("endpoint", "check", "result", "detail", "fix"):
+            table.add_column(col, overflow="fold")
+        for c in checks:
+            table.add_row(c.endpoint, c.name, c.result, c.detail, c.fix)
+        out.print(table)
+    raise typer.Exit(1 if any(c.result == "FAIL" for c in checks) else 0)
 
 
 @app.command()

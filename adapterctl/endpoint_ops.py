@@ -21,6 +21,7 @@ import time
 
 CHUNK = 4 * 1024 * 1024  # read size for hashing and copying: one pass per file
 RELEASE_FILE = "RELEASE.json"
+PARTIAL_DIR = ".rsync-partial"  # rsync --partial-dir: resumable pieces, never under a final name
 STATUS_FILE = "status.json"
 LOCK_FILE = ".adapterctl.lock"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -166,7 +167,7 @@ def list_files(root):
     """Relative paths of the regular files under root (RELEASE.json excluded), sorted."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d != PARTIAL_DIR)
         for name in filenames:
             rel = os.path.relpath(os.path.join(dirpath, name), root)
             if rel != RELEASE_FILE and not name.endswith(".partial"):
@@ -191,31 +192,17 @@ def compare_files(expected, actual):
     return problems
 
 
-def copy_tree(src, dest, link_dest=None, progress=None):
-    """Local transfer: copy src's files into dest, hard-linking files identical in link_dest.
+def copy_tree(src, dest, names, progress=None):
+    """Local transfer of `names` (relative paths) from src into dest.
 
     Each file is written as `.name.partial`, fsynced and renamed, so an interrupted copy never
-    leaves a truncated file under its final name; files already complete in dest are kept.
-    Returns (files_sent, bytes_sent, files_linked).
+    leaves a truncated file under its final name. Returns (files_sent, bytes_sent).
     """
     os.makedirs(dest, exist_ok=True)
-    known = {}
-    if link_dest:
-        rel = read_json_file(os.path.join(link_dest, RELEASE_FILE)) or {}
-        known = rel.get("files", {})
-    sent = nbytes = linked = 0
-    for rel in list_files(src):
+    nbytes = 0
+    for rel in names:
         s, d = os.path.join(src, rel), os.path.join(dest, rel)
         os.makedirs(os.path.dirname(d), exist_ok=True)
-        digest = sha256_file(s)
-        if os.path.exists(d) and sha256_file(d) == digest:
-            continue
-        if known.get(rel) == digest:
-            if os.path.lexists(d):
-                os.unlink(d)
-            os.link(os.path.join(link_dest, rel), d)
-            linked += 1
-            continue
         part = os.path.join(os.path.dirname(d), "." + os.path.basename(d) + ".partial")
         with open(s, "rb") as fi, open(part, "wb") as fo:
             while True:
@@ -229,9 +216,8 @@ def copy_tree(src, dest, link_dest=None, progress=None):
             fo.flush()
             os.fsync(fo.fileno())
         os.replace(part, d)
-        sent += 1
     fsync_dir(dest)
-    return sent, nbytes, linked
+    return len(names), nbytes
 
 
 def _free_bytes(path):
@@ -317,11 +303,34 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
 
 
 @op
-def prepare_staging(adapter_dir, model, version):
-    """Create (or keep, for resuming) staging/{id}.tmp; returns its path."""
+def prepare_staging(adapter_dir, model, version, files=None, link_from=None):
+    """Create (or keep, for resuming) staging/{id}.tmp and fill in what needs no transfer.
+
+    Files whose sha256 equals the same file of release `link_from` (per its RELEASE.json) are
+    hard-linked from there; files already complete in staging (an interrupted run) are kept.
+    Returns {'path', 'linked': [...], 'kept': [...], 'send': [...files still to transfer]}.
+    """
     path = _staging_dir(adapter_dir, model, version)
     os.makedirs(path, exist_ok=True)
-    return path
+    files = files or {}
+    known = {}
+    if link_from:
+        src_dir = _release_dir(adapter_dir, model, link_from)
+        known = (read_json_file(os.path.join(src_dir, RELEASE_FILE)) or {}).get("files", {})
+    linked, kept, send = [], [], []
+    for rel in sorted(files):
+        dest = os.path.join(path, rel)
+        if os.path.isfile(dest) and not os.path.islink(dest) and sha256_file(dest) == files[rel]:
+            kept.append(rel)
+        elif known.get(rel) == files[rel]:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            if os.path.lexists(dest):
+                os.unlink(dest)
+            os.link(os.path.join(src_dir, rel), dest)
+            linked.append(rel)
+        else:
+            send.append(rel)
+    return {"path": path, "linked": linked, "kept": kept, "send": send}
 
 
 @op
@@ -351,6 +360,8 @@ def finalize_release(adapter_dir, model, version, files, meta):
             "staged copy of %s %s does not match the manifest: %s" % (model, version, "; ".join(problems)),
             "the bad files were removed from staging; rerun the deploy to send them again",
         )
+    if os.path.isdir(os.path.join(staging, PARTIAL_DIR)):
+        shutil.rmtree(os.path.join(staging, PARTIAL_DIR))
     doc = dict(meta, schema=1, model=model, version_id=version, files=files)
     atomic_write_json(os.path.join(staging, RELEASE_FILE), doc)
     for rel in files:
@@ -384,24 +395,29 @@ def verify_release(adapter_dir, model, version, files):
 def swap_links(adapter_dir, model, active, previous):
     """Set `previous` then `active` (version ids, or None to remove) with rename(2) each.
 
-    Returns the targets they had before. Refuses to point a link at an incomplete release.
+    Both targets are checked before either link moves. Returns the targets they had before.
     """
     mdir = _model_dir(adapter_dir, model)
     old = {
         "active": _link_target(adapter_dir, model, "active"),
         "previous": _link_target(adapter_dir, model, "previous"),
     }
-    for slot, version in (("previous", previous), ("active", active)):
+    wanted = (("previous", previous), ("active", active))
+    for slot, version in wanted:
+        link = os.path.join(mdir, slot)
+        if os.path.lexists(link) and not os.path.islink(link):
+            raise OpError("invalid", "%s exists and is not a symlink" % link, "move it aside and retry")
+        if version is not None and not os.path.isfile(
+            os.path.join(_release_dir(adapter_dir, model, version), RELEASE_FILE)
+        ):
+            raise OpError("missing", "release %s of %s is not complete on the endpoint" % (version, model))
+    for slot, version in wanted:
         link = os.path.join(mdir, slot)
         if version is None:
             if os.path.lexists(link):
                 os.unlink(link)
-            continue
-        if not os.path.isfile(os.path.join(_release_dir(adapter_dir, model, version), RELEASE_FILE)):
-            raise OpError("missing", "release %s of %s is not complete on the endpoint" % (version, model))
-        if os.path.lexists(link) and not os.path.islink(link):
-            raise OpError("invalid", "%s exists and is not a symlink" % link, "move it aside and retry")
-        symlink_swap(link, "releases/" + version)
+        else:
+            symlink_swap(link, "releases/" + version)
     return old
 
 
@@ -524,22 +540,15 @@ def lock_release(adapter_dir, deployment_id):
 
 
 @op
-def prune(adapter_dir, model, keep):
-    """Remove the oldest releases beyond `keep`, never what active/previous point to."""
+def prune(adapter_dir, model, names):
+    """Remove the named releases, except what active/previous point to (checked now)."""
     rdir = os.path.join(_model_dir(adapter_dir, model), "releases")
-    if not os.path.isdir(rdir):
-        return []
     protected = {_link_target(adapter_dir, model, "active"), _link_target(adapter_dir, model, "previous")}
-    names = sorted(
-        (n for n in os.listdir(rdir) if _VERSION.match(n)),
-        key=lambda n: os.stat(os.path.join(rdir, n)).st_mtime,
-        reverse=True,
-    )
     removed = []
-    for name in names[keep:]:
-        if name in protected:
+    for name in names:
+        target = os.path.join(rdir, _check("version id", name, _VERSION))
+        if name in protected or not os.path.isdir(target):
             continue
-        target = os.path.join(rdir, name)
         for dirpath, _dirs, filenames in os.walk(target):
             for fn in filenames:
                 os.chmod(os.path.join(dirpath, fn), 0o644)

@@ -35,6 +35,7 @@ from adapterctl.transports.base import Transport
 
 # outcome status -> exit code; worst wins in the order of EXIT_SEVERITY
 STATUS_EXIT = {
+    "skipped": EXIT_OK,  # a canary failure sets the exit code; the untouched endpoints add nothing
     "success": EXIT_OK,
     "noop": EXIT_OK,
     "aborted": EXIT_HEALTH,
@@ -97,6 +98,7 @@ class RunContext:
     progress: Callable[[str], None] = lambda line: None
     break_lock: bool = False
     command: str = ""
+    parallel: int = 4
 
 
 @dataclass
@@ -116,7 +118,7 @@ class _Run:
         self.plan, self.ctx, self.cfg = plan, ctx, ctx.cfg
         self.outcomes: dict[tuple[str, str], Outcome] = {}
         self.locked: set[str] = set()
-        self.lock_failed: dict[str, str] = {}
+        self.lock_failed: dict[str, tuple[str, str]] = {}  # endpoint -> (outcome status, why)
         self.failed_models: dict[str, str] = {}
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -139,24 +141,61 @@ class _Run:
 
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
+        """Global (version) steps first; then each endpoint's steps, endpoints in parallel.
+
+        With a canary, its endpoint runs alone first; the others run only if every one of its
+        pipelines succeeded (or had nothing to do), else they are marked skipped, untouched.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        groups: dict[str, list[Step]] = {}
         for step in self.plan.steps:
+            if step.endpoint is None:
+                self.run_global(step)
+            else:
+                groups.setdefault(step.endpoint, []).append(step)
+        rest = list(groups)
+        canary = self.plan.canary
+        if canary in groups:
+            rest.remove(canary)
+            self.run_endpoint(groups[canary])
+            bad = [
+                o
+                for o in self.outcomes.values()
+                if o.endpoint == canary and o.status not in ("success", "noop")
+            ]
+            if bad:
+                why = f"canary {canary} did not pass ({bad[0].status}): this endpoint was not touched"
+                for name in rest:
+                    for s in groups[name]:
+                        if s.model:
+                            o = self.outcome(s)
+                            o.status, o.error = "skipped", why
+                rest = []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.ctx.parallel, len(rest) or 1))) as pool:
+            list(pool.map(self.run_endpoint, (groups[n] for n in rest)))
+        return list(self.outcomes.values())
+
+    def run_endpoint(self, steps: list[Step]) -> None:
+        """One endpoint's steps in order: a failed step ends its (endpoint, model) pipeline only."""
+        for step in steps:
             if step.action == "unlock":
                 self.unlock(step)
                 continue
             if step.endpoint in self.lock_failed:
-                continue
-            if step.model in self.failed_models and self.plan.kind == "deploy":
-                out = self.outcome(step)
-                if not out.done:
-                    out.status, out.error = "failed", self.failed_models[step.model]
-                continue
-            if step.endpoint is None:
-                self.run_global(step)
+                status, why = self.lock_failed[step.endpoint]
+                if step.model:
+                    o = self.outcome(step)
+                    o.status, o.error = status, why
                 continue
             if step.action == "lock":
                 self.lock(step)
                 continue
             out = self.outcome(step)
+            if step.model in self.failed_models and self.plan.kind == "deploy":
+                if not out.done:
+                    out.status, out.error = "failed", self.failed_models[step.model]
+                continue
             if out.done:
                 continue
             try:
@@ -165,20 +204,13 @@ class _Run:
                     out.phases_completed.append(step.phase)
             except AdapterctlError as exc:
                 self.fail(step, out, exc)
-        for ep_name, why in self.lock_failed.items():
-            for t in self.plan.targets or ():
-                if self.cfg.endpoints[ep_name].serves(t.model):
-                    o = self.outcomes.setdefault((ep_name, t.model), Outcome(ep_name, t.model, t.version_id))
-                    o.status, o.error = "locked", why
-            if not self.plan.targets:
-                for s in self.plan.steps:
-                    if s.endpoint == ep_name and s.model:
-                        o = self.outcome(s)
-                        o.status, o.error = "locked", why
-        return list(self.outcomes.values())
 
     def fail(self, step: Step, out: Outcome, exc: AdapterctlError) -> None:
         out.error = str(exc)
+        if out.swapped is not None and self.plan.kind == "deploy":
+            self.say(step, f"FAILED in {step.phase}: {exc}")
+            self.auto_rollback(step, out, exc)
+            return
         if isinstance(exc, HealthCheckFailed):
             out.status = "aborted"
             self.say(step, f"ABORTED: {exc.message}; active untouched")
@@ -194,9 +226,6 @@ class _Run:
             )
             return
         self.say(step, f"FAILED in {step.phase}: {exc}")
-        if out.swapped is not None and self.plan.kind == "deploy":
-            self.auto_rollback(step, out, exc)
-            return
         out.status = "failed"
 
     # -- version phase ----------------------------------------------------------------------
@@ -276,7 +305,7 @@ class _Run:
                 )
             self.locked.add(ep.name)
         except AdapterctlError as exc:
-            self.lock_failed[ep.name] = str(exc)
+            self.lock_failed[ep.name] = ("locked" if isinstance(exc, LockHeld) else "failed", str(exc))
             self.say(step, f"FAILED: {exc}")
 
     def unlock(self, step: Step) -> None:
@@ -305,21 +334,28 @@ class _Run:
 
     def do_transfer(self, step: Step, out: Outcome) -> None:
         ep, tr = self.ep(step)
-        staging = tr.call(
-            "prepare_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version
-        )
+        files = step.arg("files")
         link = step.arg("link_dest")
-        link_dest = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link else None
+        prep = tr.call(
+            "prepare_staging",
+            adapter_dir=ep.adapter_dir,
+            model=step.model,
+            version=step.version,
+            files=files,
+            link_from=link,
+        )
+        basis = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link else None
         try:
-            result = tr.sync_tree(Path(step.arg("src")), staging, link_dest)
+            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], basis)
         except AdapterctlError:
             tr.call("remove_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version)
             raise
         out.bytes_sent += result.bytes_sent
+        resumed = f", {len(prep['kept'])} already staged" if prep["kept"] else ""
         self.say(
             step,
             f"sent {result.files_sent} files ({result.bytes_sent} bytes), "
-            f"linked {result.files_linked} unchanged",
+            f"linked {len(prep['linked'])} unchanged{resumed}",
         )
 
     def do_publish(self, step: Step, out: Outcome) -> None:
@@ -366,7 +402,11 @@ class _Run:
             active=step.arg("active"),
             previous=step.arg("previous"),
         )
-        out.swapped = (old["active"], old["previous"])
+        # where an automatic rollback goes: the plan's choice (last-good), else the old links
+        out.swapped = (
+            step.arg("restore_active", old["active"]),
+            step.arg("restore_previous", old["previous"]),
+        )
         self.say(step, f"active → {step.arg('active')} (was {old['active'] or 'none'})")
         self.status_update(
             step,
@@ -397,8 +437,9 @@ class _Run:
         before = tr.call("read_json", path=path) if path else None
         pid = tr.call("signal_pidfile", pidfile=ep.pidfile)
         self.status_update(step, {"last_reload": iso(self.ctx.clock())})
-        if before is None:
-            self.say(step, f"SIGUSR1 sent to pid {pid} (no loaded.json: reload not confirmed)")
+        if before is None or before.get("model", step.model) != step.model:
+            why = "no loaded.json" if before is None else f"loaded.json speaks for {before.get('model')}"
+            self.say(step, f"SIGUSR1 sent to pid {pid} ({why}: reload of {step.model} not confirmed)")
             return
         deadline = time.monotonic() + ep.reload_timeout_s
         while True:
@@ -437,9 +478,13 @@ class _Run:
 
     def do_prune(self, step: Step, out: Outcome) -> None:
         ep, tr = self.ep(step)
-        removed = tr.call(
-            "prune", adapter_dir=ep.adapter_dir, model=step.model, names=list(step.arg("names"))
-        )
+        try:  # cleanup only: a failure here must never undo a verified release
+            removed = tr.call(
+                "prune", adapter_dir=ep.adapter_dir, model=step.model, names=list(step.arg("names"))
+            )
+        except AdapterctlError as exc:
+            self.say(step, f"warning: pruning old releases failed: {exc}")
+            return
         if removed:
             self.say(step, f"pruned {', '.join(removed)}")
 
@@ -469,8 +514,8 @@ class _Run:
         verdict = "passed" if result.all_passed else f"FAILED ({len(result.failures)} of {d['cases']})"
         self.say(
             step,
-            f"health-check {where}: {verdict}, p50 {d['latency_p50_ms']:.0f} ms, "
-            f"p95 {d['latency_p95_ms']:.0f} ms",
+            f"health-check {where}: {verdict}, p50 {d['latency_p50_ms']:.1f} ms, "
+            f"p95 {d['latency_p95_ms']:.1f} ms",
         )
         return d
 

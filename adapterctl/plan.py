@@ -57,6 +57,7 @@ class Plan:
     endpoints: tuple[str, ...] = ()
     targets: tuple[Target, ...] = field(default=())
     cycle: int | None = None
+    canary: str | None = None  # this endpoint runs first, through verify; the rest only if it passed
 
     def bytes_to_send(self) -> int:
         return sum(s.bytes for s in self.steps if s.phase == "transfer")
@@ -175,7 +176,11 @@ def _endpoint_steps(
                     f"send {len(send)} of {n} files ({_human(size)}) to staging/{t.version_id}.tmp{reuse}",
                     bytes=size,
                     **base,
-                    args=(("src", str(t.store_dir)), ("link_dest", newest["version_id"] if newest else None)),
+                    args=(
+                        ("src", str(t.store_dir)),
+                        ("files", dict(t.files)),
+                        ("link_dest", newest["version_id"] if newest else None),
+                    ),
                 )
             )
             steps.append(
@@ -204,13 +209,19 @@ def _endpoint_steps(
                 notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
             steps.append(Step("activate", "check_service", summary, **base))
         old_a, old_p = mf["active"], mf["previous"]
+        restore_a = _rollback_choice(facts, mf, t, old_a)
         steps.append(
             Step(
                 "activate",
                 "swap",
                 f"previous → {old_a or '(none)'}, active → {t.version_id} (rename(2) of each link)",
                 **base,
-                args=(("active", t.version_id), ("previous", old_a)),
+                args=(
+                    ("active", t.version_id),
+                    ("previous", old_a),
+                    ("restore_active", restore_a),
+                    ("restore_previous", old_p),
+                ),
             )
         )
         for path, model in links.items():
@@ -230,10 +241,9 @@ def _endpoint_steps(
                 "verify",
                 "verify",
                 _health_summary(model_cfg, "the live `active` release")
-                + f"; on failure roll back by itself: active → {old_a or '(none)'}, "
+                + f"; on failure roll back by itself: active → {restore_a or '(none)'}, "
                 f"previous → {old_p or '(none)'}, reload again",
                 **base,
-                args=(("restore_active", old_a), ("restore_previous", old_p)),
             )
         )
         doomed = _prune_list(mf, t.version_id, old_a, cfg.keep_releases)
@@ -254,6 +264,15 @@ def _endpoint_steps(
         "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep.name
     )
     return [holder, *steps, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
+
+
+def _rollback_choice(
+    facts: Mapping[str, Any], mf: Mapping[str, Any], t: Target, old_a: str | None
+) -> str | None:
+    """Where a failed activation returns: the last release that passed verify, if still there (DESIGN §7)."""
+    good = (((facts.get("status") or {}).get("models") or {}).get(t.model) or {}).get("last_good_version")
+    complete = {r["version_id"] for r in mf["releases"] if r["complete"]}
+    return good if good in complete and good != t.version_id else old_a
 
 
 def _size_of(t: Target, files: Mapping[str, str]) -> int:
@@ -286,6 +305,7 @@ def plan_deploy(
     targets: list[Target],
     endpoint_facts: Mapping[str, Mapping[str, Any] | AdapterctlError],
     cycle: int | None = None,
+    canary: str | None = None,
 ) -> Plan:
     """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
     steps: list[Step] = []
@@ -306,7 +326,11 @@ def plan_deploy(
             )
         else:
             notes.append(f"{t.model}: {t.version_id} is registered already ({_human(t.size_bytes)})")
-    for name, facts in endpoint_facts.items():
+    order = sorted(endpoint_facts, key=lambda n: n != canary)  # the canary's steps come first
+    if canary is not None:
+        notes.append(f"canary {canary}: runs first, through verify; the other endpoints only if it succeeds")
+    for name in order:
+        facts = endpoint_facts[name]
         ep = cfg.endpoints[name]
         mine = [t for t in targets if ep.serves(t.model)]
         if isinstance(facts, AdapterctlError):
@@ -319,9 +343,10 @@ def plan_deploy(
         tuple(steps),
         tuple(notes),
         tuple(blocked),
-        tuple(endpoint_facts),
+        tuple(order),
         tuple(targets),
         cycle,
+        canary,
     )
 
 

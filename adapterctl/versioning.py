@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapterctl.endpoint_ops import compare_files, fsync_dir, hash_files, list_files
+from adapterctl.endpoint_ops import compare_files, fsync_dir, hash_files, sha256_file
 from adapterctl.errors import AdapterInvalid, VersionConflict
 from adapterctl.names import check_name
 
@@ -150,7 +150,12 @@ def inspect_adapter(path: Path) -> AdapterInfo:
             metrics = json.loads((path / METRICS).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterInvalid(f"{path / METRICS}: not valid JSON: {exc}") from None
-    files = hash_files(str(path))
+    # an adapter is the flat set of files PEFT saves; subdirectories (checkpoints, logs) stay behind
+    files = {
+        p.name: sha256_file(str(p))
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    }
     size = sum((path / rel).stat().st_size for rel in files)
     peft = {k: cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")}
     return AdapterInfo(
@@ -215,8 +220,7 @@ def store_copy(store: Path, model: str, vid: str, info: AdapterInfo) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for rel in list_files(str(info.path)):
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+    for rel in info.files:
         shutil.copyfile(info.path / rel, tmp / rel)
         with open(tmp / rel, "rb+") as f:
             os.fsync(f.fileno())

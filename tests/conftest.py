@@ -34,10 +34,18 @@ class Workspace:
     def cli(self, *args: str, check: int | None = None) -> subprocess.CompletedProcess:
         """Run the real `adapterctl` CLI; assert the exit code when `check` is given."""
         env = dict(os.environ, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
-        proc = subprocess.run([sys.executable, "-m", "adapterctl", *args], env=env, cwd=self.root,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "adapterctl", *args],
+            env=env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check is not None:
-            assert proc.returncode == check, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+            assert proc.returncode == check, (
+                f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+            )
         return proc
 
     def cli_json(self, *args: str, check: int | None = None) -> dict | list:
@@ -71,9 +79,22 @@ class Workspace:
         run = self.endpoints[endpoint].parent / "run"
         run.mkdir(exist_ok=True)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adapterctl.serving", "--adapter-dir", str(self.endpoints[endpoint]),
-             "--model", model, "--pidfile", str(run / "serve.pid"), "--log", str(run / "serve.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "adapterctl.serving",
+                "--adapter-dir",
+                str(self.endpoints[endpoint]),
+                "--model",
+                model,
+                "--pidfile",
+                str(run / "serve.pid"),
+                "--log",
+                str(run / "serve.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.servers.append(proc)
         deadline = time.monotonic() + 15
@@ -109,8 +130,14 @@ def tree_digest(root: Path) -> str:
     return h.hexdigest()
 
 
-def write_config(ws_root: Path, *, mac_reload: str = "none", health_command: list[str] | None = None,
-                 extra_model: bool = False, keep: int = 5) -> Path:
+def write_config(
+    ws_root: Path,
+    *,
+    mac_reload: str = "none",
+    health_command: list[str] | None = None,
+    extra_model: bool = False,
+    keep: int = 5,
+) -> Path:
     command = json.dumps(health_command or TRANSLATOR)
     pid = "    pidfile: ../run/serve.pid\n" if mac_reload == "sigusr1" else ""
     models = f"""\
@@ -130,7 +157,8 @@ def write_config(ws_root: Path, *, mac_reload: str = "none", health_command: lis
     base_model: local/tiny-whisper
 """
     cfg = ws_root / "adapterctl.yaml"
-    cfg.write_text(f"""\
+    cfg.write_text(
+        f"""\
 store: ./adapters
 keep_releases: {keep}
 endpoints:
@@ -148,7 +176,9 @@ endpoints:
     kind: gguf
     reload_method: none
 models:
-{models}""", encoding="utf-8")
+{models}""",
+        encoding="utf-8",
+    )
     return cfg
 
 
@@ -160,9 +190,14 @@ def workspace(tmp_path: Path):
     cfg = write_config(root, extra_model=True)
     sources = {MODEL: root / "training data" / MODEL, "whisper": root / "training data" / "whisper"}
     ws = Workspace(
-        root=root, config=cfg, store=root / "adapters", sources=sources,
-        endpoints={"mac-dev": root / "endpoints" / "mac dev é" / "adapters",
-                   "rtx-1": root / "endpoints" / "rtx-1 ü" / "adapters"},
+        root=root,
+        config=cfg,
+        store=root / "adapters",
+        sources=sources,
+        endpoints={
+            "mac-dev": root / "endpoints" / "mac dev é" / "adapters",
+            "rtx-1": root / "endpoints" / "rtx-1 ü" / "adapters",
+        },
     )
     ws.new_adapter(MODEL, "run1", seed=1, metrics={"final_loss": 0.9})
     ws.new_adapter("whisper", "run1", seed=11, targets=("q_proj", "k_proj", "v_proj"))

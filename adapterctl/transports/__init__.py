@@ -5,15 +5,14 @@ from adapterctl.transports.base import CommandResult, SyncResult, Transport
 __all__ = ["CommandResult", "SyncResult", "Transport", "open_transport"]
 
 
-def open_transport(endpoint) -> Transport:
-    """Return the transport for an EndpointConfig (`host: local` → LocalTransport)."""
-    from adapterctl.transports.local import LocalTransport
-
+def open_transport(endpoint, ssh_options=None) -> Transport:
+    """The transport for an EndpointConfig: `host: local` → LocalTransport, else SSHTransport."""
     if endpoint.host == "local":
-        return LocalTransport(endpoint.name)
-    from adapterctl.errors import ConfigError
+        from adapterctl.transports.local import LocalTransport
 
-    raise ConfigError(
-        f"endpoint {endpoint.name!r}: host {endpoint.host!r} needs the SSH transport, which is not built yet",
-        "use `host: local` for now (SSH endpoints come with the next release)",
+        return LocalTransport(endpoint.name)
+    from adapterctl.transports.ssh import SSHOptions, SSHTransport
+
+    return SSHTransport(
+        endpoint.name, endpoint.host, ssh_options or SSHOptions(), endpoint.user, endpoint.port
     )

@@ -34,14 +34,13 @@ class CommandResult:
 
 @dataclass(frozen=True)
 class SyncResult:
-    """What a tree transfer moved: bytes actually sent vs files reused from a previous release."""
+    """What a transfer moved over the wire."""
 
     files_sent: int
     bytes_sent: int
-    files_linked: int
 
 
-ProgressFn = Callable[[int, int], None]  # (bytes_done, bytes_total)
+ProgressFn = Callable[[int], None]  # called with each chunk's byte count
 
 
 class Transport(ABC):
@@ -57,17 +56,19 @@ class Transport(ABC):
         """Run one endpoint_ops request on the endpoint and return its decoded response."""
 
     @abstractmethod
-    def sync_tree(
+    def sync_files(
         self,
         src: Path,
         dest: str,
-        link_dest: str | None = None,
+        names: Sequence[str],
+        basis: str | None = None,
         progress: ProgressFn | None = None,
     ) -> SyncResult:
-        """Copy the files of local directory `src` into endpoint directory `dest`.
+        """Send the files `names` (relative to local `src`) into endpoint directory `dest`.
 
-        Files identical to those in `link_dest` (a directory on the endpoint) are linked, not
-        sent. Never leaves a truncated file under its final name. Raises TransportError.
+        `basis` is an endpoint directory with older versions of the same files (the newest
+        release), usable for delta transfer. Resumable; never leaves a truncated file under its
+        final name. Raises TransportError.
         """
 
     @abstractmethod

@@ -23,17 +23,22 @@ class LocalTransport(Transport):
         # Round-trip through JSON so local behaves exactly like a remote call would.
         return json.loads(endpoint_ops.handle(json.dumps(request)))
 
-    def sync_tree(
-        self, src: Path, dest: str, link_dest: str | None = None, progress: ProgressFn | None = None
+    def sync_files(
+        self,
+        src: Path,
+        dest: str,
+        names: Sequence[str],
+        basis: str | None = None,
+        progress: ProgressFn | None = None,
     ) -> SyncResult:
         try:
-            files_sent, bytes_sent, files_linked = endpoint_ops.copy_tree(str(src), dest, link_dest, progress)
+            files_sent, bytes_sent = endpoint_ops.copy_tree(str(src), dest, list(names), progress)
         except OSError as exc:
             raise TransportError(
                 f"endpoint {self.name} (local): copying {src} to {dest} failed: {exc.strerror or exc}",
                 "check free disk and permissions of the adapter_dir",
             ) from exc
-        return SyncResult(files_sent, bytes_sent, files_linked)
+        return SyncResult(files_sent, bytes_sent)
 
     def spawn(
         self, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None

@@ -1,0 +1,159 @@
+"""`adapterctl doctor`: check every endpoint can take a deploy, and say the fix for each failure."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from adapterctl.config import Config, EndpointConfig
+from adapterctl.errors import AdapterctlError
+from adapterctl.manifest import Manifest
+from adapterctl.plan import gather_facts, human_bytes, loaded_file
+from adapterctl.transports.base import Transport
+
+
+@dataclass(frozen=True)
+class Check:
+    endpoint: str
+    name: str
+    result: str  # ok | FAIL | warn
+    detail: str
+    fix: str = ""
+
+
+def _need_bytes(cfg: Config, manifest: Manifest, ep: EndpointConfig) -> int:
+    """Room a deploy of each served model's newest version needs (files not shared with a release)."""
+    newest = [manifest.newest(m) for m in cfg.models if ep.serves(m)]
+    return sum(v["size_bytes"] for v in newest if v)
+
+
+def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Manifest) -> list[Check]:
+    """Run the checks for one endpoint; stops early only when it cannot log in at all."""
+    checks: list[Check] = []
+
+    def add(name: str, ok: bool | None, detail: str, fix: str = "") -> None:
+        checks.append(
+            Check(ep.name, name, "ok" if ok else "warn" if ok is None else "FAIL", detail, "" if ok else fix)
+        )
+
+    if not ep.is_local:
+        try:
+            tr._connect()  # noqa: SLF001 - doctor wants the login error by itself
+            add("ssh login + host key", True, f"logged in to {tr.where} ({tr.spec.key_name}), host key known")
+        except AdapterctlError as exc:
+            add("ssh login + host key", False, exc.message, exc.hint or "")
+            return checks
+    try:
+        py = tr.run(["python3", "-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"], timeout=30)
+        ver = tuple(int(x) for x in py.stdout.strip().split(".")) if py.ok else None
+        add(
+            "python3",
+            bool(ver and ver >= (3, 8)),
+            f"python3 {py.stdout.strip()}" if py.ok else "python3 not found",
+            "install python3 >= 3.8 (macOS: xcode-select --install; Debian: apt install python3)",
+        )
+    except AdapterctlError as exc:
+        add("python3", False, exc.message, "install python3 >= 3.8")
+    if not ep.is_local:
+        rs = tr.run(["rsync", "--version"], timeout=30)
+        add(
+            "rsync (endpoint)",
+            rs.ok,
+            rs.stdout.splitlines()[0] if rs.ok and rs.stdout else "rsync not found",
+            "install rsync on the endpoint (apt install rsync / brew install rsync)",
+        )
+        local = shutil.which("rsync")
+        add(
+            "rsync (this machine)",
+            bool(local),
+            local or "rsync not found",
+            "install rsync here (apt install rsync)",
+        )
+    tools = tr.run(
+        ["sh", "-c", "for t in python3 sha256sum shasum; do command -v $t >/dev/null && echo $t; done"],
+        timeout=30,
+    )
+    found = tools.stdout.split()
+    best = (
+        "python3 hashlib"
+        if "python3" in found
+        else ("sha256sum" if "sha256sum" in found else "shasum -a 256" if "shasum" in found else None)
+    )
+    add(
+        "sha256 tool",
+        best == "python3 hashlib",
+        f"hashes computed there with {best or 'nothing'} (available: {', '.join(found) or 'none'})",
+        "install python3: adapterctl verifies hashes with the endpoint's python3 hashlib",
+    )
+    try:
+        facts = gather_facts(ep, tr, [m for m in cfg.models if ep.serves(m)])
+    except AdapterctlError as exc:
+        add("adapter_dir", False, exc.message, exc.hint or "")
+        return checks
+    where = ep.adapter_dir if facts["adapter_dir_exists"] else f"{ep.adapter_dir} (created on first deploy)"
+    add(
+        "adapter_dir writable",
+        facts["writable"],
+        where,
+        f"let the SSH user write {ep.adapter_dir} (or its parent): chown/chmod it on the endpoint",
+    )
+    need = _need_bytes(cfg, manifest, ep)
+    add(
+        "free disk",
+        facts["free_bytes"] >= need,
+        f"{human_bytes(facts['free_bytes'])} free, a deploy of the newest versions needs {human_bytes(need)}",
+        "free space on the endpoint or lower keep_releases",
+    )
+    if ep.reload_method == "sigusr1":
+        pid = facts.get("pid") or {}
+        loaded = facts.get("loaded")
+        detail = f"pid {pid.get('pid')} running" if pid.get("alive") else (pid.get("error") or "no pid")
+        if loaded:
+            detail += f"; it reports {loaded.get('version_id') or 'no adapter'} loaded"
+        add(
+            "serving process",
+            bool(pid.get("alive")),
+            detail,
+            f"start the service so it writes {ep.pidfile} (reload_method sigusr1 signals that pid)",
+        )
+        if pid.get("alive") and loaded is None:
+            add(
+                "reload confirmation",
+                None,
+                f"no {loaded_file(ep)}: reloads cannot be confirmed",
+                "use adapterctl.serving.AdapterReloader in the service (it writes loaded.json)",
+            )
+    elif ep.reload_method == "restart":
+        add("serving process", False, "reload_method restart is not built yet", "use sigusr1 or none for now")
+    lock = facts.get("lock")
+    if lock:
+        add(
+            "lock",
+            None,
+            f"held by {lock.get('user')}@{lock.get('host')} pid {lock.get('pid')} since "
+            f"{lock.get('started_at')} ({lock.get('deployment_id')})",
+            "wait for that deploy, or break a stale lock with deploy --break-lock",
+        )
+    if facts.get("status_error"):
+        add("status.json", False, facts["status_error"], "repair or move status.json aside")
+    return checks
+
+
+def doctor(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[Check]:
+    """All checks for the selected endpoints (in parallel), in endpoint order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterctl.api import Session, select_endpoints
+
+    eps = select_endpoints(cfg, endpoints or ["all"])
+    manifest = Manifest.load(cfg.store)
+    session = Session.open(cfg, eps, ssh)
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = pool.map(
+                lambda n: check_endpoint(cfg, cfg.endpoints[n], session.transports[n], manifest), eps
+            )
+            return [c for group in results for c in group]
+    finally:
+        session.close()
