@@ -14,7 +14,7 @@ from adapterctl.config import Config
 from adapterctl.errors import AdapterctlError, UsageError, VersionConflict
 from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now
 from adapterctl.manifest import Manifest, locked
-from adapterctl.names import check_version_id
+from adapterctl.names import check_cycle, check_version_id
 from adapterctl.plan import Plan, Target, gather_facts, plan_deploy, plan_rollback
 from adapterctl.transports import open_transport
 from adapterctl.transports.base import Transport
@@ -69,6 +69,7 @@ def register_version(
     """
     if cycle is None:
         raise UsageError("registering a new adapter needs --cycle N")
+    check_cycle(cycle)
     info = inspect_adapter(source)
     with locked(cfg.store) as manifest:
         existing = manifest.by_sha(model, info.sha256)
@@ -124,6 +125,8 @@ def resolve_targets(
 ) -> list[Target]:
     """What to deploy, without writing: newest source adapter per model (--cycle) or --version."""
     manifest = Manifest.load(cfg.store)
+    if cycle is not None:
+        check_cycle(cycle)
     if version is not None:
         check_version_id(version)
         owners = [m for m in (models or manifest.model_of(version)) if manifest.version(m, version)]
@@ -266,6 +269,7 @@ def rollback(
             )
         check_version_id(to)
     eps = select_endpoints(cfg, endpoints)
+    Manifest.load(cfg.store)  # a corrupt manifest stops the rollback before any endpoint changes
     chosen = [cfg.model(m).name for m in models] or list(cfg.models)
     pairs = [(e, m) for e in eps for m in chosen if cfg.endpoints[e].serves(m)]
     if not pairs:

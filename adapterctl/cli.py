@@ -228,7 +228,12 @@ def deploy(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure."""
+    """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure.
+
+    Exit codes: 0 deployed (or already active); 1 a phase failed; 2 usage/config/adapter error, nothing
+    written; 3 endpoint locked; 4 health check failed before activation, active untouched; 5 verify
+    failed after activation, rolled back. With several endpoints the worst outcome decides.
+    """
     from adapterctl import api
 
     cfg = _run(_config)
@@ -263,7 +268,11 @@ def rollback(
     parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
     as_json: JsonOpt = False,
 ) -> None:
-    """Point `active` back at an earlier release and reload the service (run it twice to undo it)."""
+    """Point `active` back at an earlier release and reload the service (run it twice to undo it).
+
+    Exit codes: 0 rolled back; 1 a step failed (e.g. the service did not reload, or the release
+    fails its health check: the rollback stands); 2 nothing to roll back to, or bad input; 3 locked.
+    """
     from adapterctl import api
 
     cfg = _run(_config)
@@ -363,7 +372,8 @@ def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
     for col in ("model", "version", "created", "size", "dtype", "final_loss", "source"):
         table.add_column(col, overflow="fold")
     for v in rows:
-        loss = (v.get("training_metrics") or {}).get("final_loss")
+        metrics = v.get("training_metrics")
+        loss = metrics.get("final_loss") if isinstance(metrics, dict) else None
         table.add_row(
             v["model"],
             v["version_id"],
@@ -447,8 +457,21 @@ def demo(
     raise typer.Exit(code)
 
 
+_LIST_COMMANDS = {"deploy", "rollback", "status", "doctor", "versions"}
+
+
+def app_commands() -> set[str]:
+    return {c.name or c.callback.__name__.rstrip("_") for c in app.registered_commands}
+
+
 def _expand_lists(argv: list[str]) -> list[str]:
-    """Let `--endpoints a b` mean `--endpoints a --endpoints b` (the original tool's syntax)."""
+    """Let `--endpoints a b` mean `--endpoints a --endpoints b` (the original tool's syntax).
+
+    Only for the commands whose --endpoints/--models take lists (not `register -m MODEL PATH`).
+    """
+    command = next((a for a in argv if a in _LIST_COMMANDS or a in app_commands()), None)
+    if command not in _LIST_COMMANDS:
+        return argv
     multi = {"--endpoints", "-e", "--models", "-m"}
     result: list[str] = []
     i = 0

@@ -38,6 +38,11 @@ class Manifest:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return cls(path)
+        except UnicodeDecodeError as exc:
+            raise ManifestCorrupt(
+                f"{path}: not UTF-8 text (bad byte at offset {exc.start})",
+                "it was left untouched; fix it by hand or restore it from a backup",
+            ) from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

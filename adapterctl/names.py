@@ -43,3 +43,10 @@ def inside(root: Path | str, *parts: str) -> Path:
     if candidate != base and base not in candidate.parents:
         raise UsageError(f"path {'/'.join(parts)!r} escapes {base}", "remove '..' and absolute parts")
     return candidate
+
+
+def check_cycle(cycle: int) -> int:
+    """Return `cycle` if it can form a version id (0..999999); raise UsageError otherwise."""
+    if isinstance(cycle, bool) or not isinstance(cycle, int) or not 0 <= cycle <= 999_999:
+        raise UsageError(f"invalid cycle {cycle!r}", "a training cycle is a whole number from 0 to 999999")
+    return cycle

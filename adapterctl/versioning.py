@@ -17,7 +17,7 @@ from typing import Any
 
 from adapterctl.endpoint_ops import compare_files, fsync_dir, hash_files, sha256_file
 from adapterctl.errors import AdapterInvalid, VersionConflict
-from adapterctl.names import check_name
+from adapterctl.names import check_cycle, check_name
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -41,7 +41,7 @@ class AdapterInfo:
 
 
 def version_id(cycle: int, when: datetime, sha256: str) -> str:
-    return f"cycle{cycle}_{when:%Y%m%d}_{sha256[:8]}"
+    return f"cycle{check_cycle(cycle)}_{when:%Y%m%d}_{sha256[:8]}"
 
 
 def newest_adapter(source: Path) -> Path:
@@ -129,7 +129,12 @@ def _check_tensors(path: Path, cfg: dict[str, Any]) -> tuple[str, int]:
         if b_rank != r:
             raise AdapterInvalid(f"{weights}: {module}.lora_B shape {list(b)} does not match r={r}")
         leaf = module.rsplit(".", 1)[-1]
-        if isinstance(targets, list) and leaf not in targets and module not in targets:
+        # PEFT matches a target by exact name or by dotted suffix ("self_attn.q_proj")
+        if (
+            isinstance(targets, list)
+            and leaf not in targets
+            and not any(module == t or module.endswith("." + t) for t in targets)
+        ):
             raise AdapterInvalid(
                 f"{weights}: tensor for {module} but target_modules is {targets}",
                 "the adapter_config.json does not belong to these weights",
@@ -150,6 +155,8 @@ def inspect_adapter(path: Path) -> AdapterInfo:
             metrics = json.loads((path / METRICS).read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterInvalid(f"{path / METRICS}: not valid JSON: {exc}") from None
+        if not isinstance(metrics, dict):
+            raise AdapterInvalid(f'{path / METRICS}: must be a JSON object like {{"final_loss": 0.42}}')
     # an adapter is the flat set of files PEFT saves; subdirectories (checkpoints, logs) stay behind
     files = {
         p.name: sha256_file(str(p))

@@ -138,35 +138,26 @@ def test_register_prints_version_id_cycle_date_and_sha256_prefix_of_the_weights(
     assert entry["version_id"] == vid and entry["cycle"] == 7
 
 
-def test_register_without_path_takes_the_newest_run_of_the_models_source(workspace):
-    ws = workspace
-    run2 = ws.new_adapter(MODEL, "run2", seed=2)
-    vid = register(ws, cycle=2).stdout.strip()
-    assert vid.endswith("_" + sha256(run2 / WEIGHTS)[:8])
-
-
-def test_registering_the_same_bytes_twice_returns_the_same_id_and_one_manifest_entry(workspace):
+def test_registering_the_same_bytes_again_returns_the_same_id_and_keeps_one_manifest_entry(workspace):
     ws = workspace
     run1 = ws.sources[MODEL] / "run1"
     first = register(ws, run1, cycle=1).stdout.strip()
     before = (ws.store / "manifest.json").read_bytes()
-    again = register(ws, run1, cycle=1)
-    assert again.stdout.strip() == first
-    assert "already registered" in again.stderr
+    digest = tree_digest(ws.root)
+    # once more under the same cycle, and once (without a path: the newest run is run1) under another
+    for again in (register(ws, run1, cycle=1), register(ws, cycle=5)):
+        assert again.stdout.strip() == first
+        assert "already registered" in again.stderr
     assert [e["version_id"] for e in entries(ws)] == [first]
     assert (ws.store / "manifest.json").read_bytes() == before
-
-
-def test_registering_the_same_bytes_under_another_cycle_returns_the_existing_id(workspace):
-    ws = workspace
-    run1 = ws.sources[MODEL] / "run1"
-    first = register(ws, run1, cycle=1).stdout.strip()
-    digest = tree_digest(ws.root)
-    again = register(ws, run1, cycle=5)
-    assert again.stdout.strip() == first
-    assert "already registered" in again.stderr
-    assert len(entries(ws)) == 1
     assert tree_digest(ws.root) == digest
+
+
+def test_register_without_a_path_takes_the_newest_run_of_the_models_source(workspace):
+    ws = workspace
+    run2 = ws.new_adapter(MODEL, "run2", seed=2)
+    vid = register(ws, cycle=2).stdout.strip()
+    assert vid.endswith("_" + sha256(run2 / WEIGHTS)[:8])
 
 
 def test_same_weights_with_a_changed_adapter_config_is_a_conflict_exit_2_and_writes_nothing(workspace):
@@ -498,9 +489,6 @@ def test_model_source_with_no_run_holding_weights_is_one_line_error_exit_2(works
     proc = register(ws, model="whisper", check=None)
     assert_one_line_error(proc, str(ws.sources["whisper"]))
     assert tree_digest(ws.root) == digest
-    proc = ws.cli("deploy", "--cycle", "1", "--models", "whisper", "-e", "mac-dev", "--dry-run")
-    assert_one_line_error(proc, str(ws.sources["whisper"]))
-    assert tree_digest(ws.root) == digest
 
 
 def test_nonexistent_adapter_path_is_one_line_error_exit_2(workspace):
@@ -521,13 +509,6 @@ def test_a_cycle_that_cannot_form_a_valid_version_id_is_refused_exit_2_and_write
     proc = ws.cli("register", "--model", MODEL, "--cycle", cycle, str(ws.sources[MODEL] / "run1"))
     assert_one_line_error(proc)
     assert tree_digest(ws.root) == digest
-
-
-def test_every_registered_id_is_accepted_back_by_deploy_version(workspace):
-    ws = workspace
-    vid = register(ws, ws.sources[MODEL] / "run1", cycle=12).stdout.strip()
-    plan = ws.cli_json("deploy", "--version", vid, "--models", MODEL, "-e", "mac-dev", "--dry-run", check=0)
-    assert {s["version"] for s in plan["steps"] if s["model"] == MODEL} == {vid}
 
 
 def test_register_short_model_flag_before_the_path_keeps_the_path_positional(workspace):
@@ -585,15 +566,3 @@ def test_a_damaged_store_copy_is_a_conflict_not_silently_reused(workspace):
     digest = tree_digest(ws.root)
     assert_one_line_error(register(ws, run1, cycle=1, check=None), str(ws.store / MODEL / vid))
     assert tree_digest(ws.root) == digest
-
-
-def test_a_missing_store_copy_is_restored_on_re_register(workspace):
-    ws = workspace
-    run1 = ws.sources[MODEL] / "run1"
-    vid = register(ws, run1, cycle=1).stdout.strip()
-    stored = ws.store / MODEL / vid
-    for f in stored.iterdir():
-        f.unlink()
-    stored.rmdir()
-    assert register(ws, run1, cycle=1).stdout.strip() == vid
-    assert {p.name: sha256(p) for p in stored.iterdir()} == entries(ws)[0]["files"]
