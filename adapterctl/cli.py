@@ -143,7 +143,8 @@ def _report_json(report) -> dict[str, Any]:
 
 
 def _short(text: str | None, width: int = 80) -> str:
-    return "" if not text else text if len(text) <= width else text[: width - 1] + "…"
+    first = (text or "").split("\n", 1)[0]
+    return first if len(first) <= width and first == (text or "") else first[: width - 1] + "…"
 
 
 def _print_report(report, as_json: bool) -> None:
@@ -158,7 +159,13 @@ def _print_report(report, as_json: bool) -> None:
         table.add_column(col, overflow="fold")
     from adapterctl.plan import human_bytes
 
-    for o in report.outcomes:
+    for o in sorted(
+        report.outcomes,
+        key=lambda o: (
+            report.plan.endpoints.index(o.endpoint) if o.endpoint in report.plan.endpoints else 0,
+            o.model,
+        ),
+    ):
         table.add_row(
             o.endpoint,
             o.model,
@@ -173,7 +180,7 @@ def _print_report(report, as_json: bool) -> None:
     if report.outcomes or report.plan.blocked:
         out.print(table)
     for o in report.outcomes:
-        if o.error and len(o.error) > 80:
+        if o.error and (len(o.error) > 80 or "\n" in o.error):
             out.print(f"{o.endpoint}/{o.model}: {o.error}", markup=False)
     for note in report.plan.notes:
         out.print(note, markup=False)
@@ -301,9 +308,10 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
 
     cfg = _run(_config)
     rows = _run(api.status, cfg, _split(endpoints), _ssh())
+    unreachable = [r for r in rows if r.get("error")]
     if as_json:
         out.print_json(json.dumps(rows, default=str))
-        return
+        raise typer.Exit(1 if unreachable else 0)
     table = Table(title="endpoint status")
     for col in (
         "endpoint",
@@ -319,7 +327,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(col, overflow="fold")
     for r in rows:
         if r.get("error"):
-            table.add_row(r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", r["error"])
+            table.add_row(r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", "see below")
             continue
         table.add_row(
             r["endpoint"],
@@ -333,6 +341,9 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
             "; ".join(r["drift"]) or "",
         )
     out.print(table)
+    for r in unreachable:
+        err.print(f"{r['endpoint']}: {r['error']}", markup=False)
+    raise typer.Exit(1 if unreachable else 0)
 
 
 @app.command()

@@ -213,7 +213,7 @@ class _Run:
             return
         if isinstance(exc, HealthCheckFailed):
             out.status = "aborted"
-            self.say(step, f"ABORTED: {exc.message}; active untouched")
+            self.say(step, f"ABORTED, active untouched: {exc.message}")
             self.status_update(
                 step,
                 {
@@ -520,11 +520,15 @@ class _Run:
         return d
 
     def health_message(self, step: Step, result: dict[str, Any]) -> str:
-        lines = [f"{f['input']!r} → {f['output']!r} ({f['reason']})" for f in result["failures"]]
-        head = f"endpoint {step.endpoint}: {step.model} {step.version} failed its health check"
+        """One summary line, then one line per failing sentence with its actual output."""
+        lines = [f'  ✗ "{f["input"]}" → "{f["output"]}" ({f["reason"]})' for f in result["failures"]]
+        head = (
+            f"endpoint {step.endpoint}: {step.model} {step.version} failed its health check "
+            f"({len(result['failures'])} of {result['cases']} sentences)"
+        )
         if result.get("error"):
             head += f": {result['error']}"
-        return head + ("; " + "; ".join(lines) if lines else "")
+        return "\n".join([head, *lines])
 
     def mark_good(self, step: Step) -> None:
         self.status_update(

@@ -30,10 +30,11 @@ class Workspace:
     sources: dict[str, Path]
     endpoints: dict[str, Path]  # name -> adapter_dir
     servers: list[subprocess.Popen] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment for the CLI (e.g. SSH test hosts)
 
     def cli(self, *args: str, check: int | None = None) -> subprocess.CompletedProcess:
         """Run the real `adapterctl` CLI; assert the exit code when `check` is given."""
-        env = dict(os.environ, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+        env = dict(os.environ, **self.env, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
         proc = subprocess.run(
             [sys.executable, "-m", "adapterctl", *args],
             env=env,
@@ -205,3 +206,18 @@ def workspace(tmp_path: Path):
         yield ws
     finally:
         ws.stop_servers()
+
+
+SSH_HOST_SPECS = [("mac-1", True), ("linux-1", False), ("linux-2", False)]  # (alias, BSD-like userland)
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(tmp_path_factory):
+    """Three real sshd hosts on loopback (mac-1 emulates a Mac's BSD userland); see tests/sshhosts.py."""
+    from sshhosts import SSHD, hosts_fixture_factory
+
+    if not os.path.exists(SSHD):
+        pytest.fail(
+            f"{SSHD} is missing: install openssh-server and rsync (.ci/run does) to run the SSH tests"
+        )
+    yield from hosts_fixture_factory(tmp_path_factory, SSH_HOST_SPECS)

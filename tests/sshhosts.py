@@ -41,6 +41,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -163,6 +164,11 @@ def start_hosts(dir: Path, specs: list[tuple[str, bool]], *, die_with_parent: bo
     if len(specs) > 255 - FIRST_OCTET:
         raise ValueError("too many hosts")
     _require_setenv_support()
+    if (dir / STATE_FILE).exists():
+        state = json.loads((dir / STATE_FILE).read_text())
+        configs = [h["config"] for h in state["hosts"].values()]
+        if find_processes(state["marker"], configs, [h["pid"] for h in state["hosts"].values()]):
+            raise RuntimeError(f"test hosts from an earlier start still run in {dir}; stop_dir() them first")
     dir.mkdir(parents=True, exist_ok=True)
     Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)  # sshd's privsep dir
 
@@ -177,23 +183,10 @@ def start_hosts(dir: Path, specs: list[tuple[str, bool]], *, die_with_parent: bo
         for key in (root / "ssh_host_ed25519_key", root / "client_ed25519"):
             for p in (key, key.with_name(key.name + ".pub")):
                 p.unlink(missing_ok=True)
+            argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"testhosts-{alias}", "-f", str(key)]
             keygens.append(
                 subprocess.Popen(
-                    [
-                        "ssh-keygen",
-                        "-q",
-                        "-t",
-                        "ed25519",
-                        "-N",
-                        "",
-                        "-C",
-                        f"testhosts-{alias}",
-                        "-f",
-                        str(key),
-                    ],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
                 )
             )
         hosts[alias] = TestHost(
@@ -379,16 +372,45 @@ def _spawn_sshd(host: TestHost, marker: str, die_with_parent: bool) -> subproces
         )
 
 
+def _listening(pid: int, address: str, port: int) -> bool | None:
+    """Whether process `pid` holds a TCP socket listening on address:port (None: cannot tell).
+
+    Read from /proc rather than by connecting: every probe connection makes sshd fork a
+    connection handler, and one that hangs up during key exchange leaves an orphaned zombie."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return None
+    want = f"{struct.unpack('=I', socket.inet_aton(address))[0]:08X}:{port:04X}"
+    inodes = {f[9] for f in map(str.split, table) if len(f) > 9 and f[1] == want and f[3] == "0A"}
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
 def _ready(host: TestHost, proc: subprocess.Popen) -> bool:
-    """sshd writes its pidfile after it bound the port; then the port must accept."""
+    """sshd writes its pidfile once it listens; then the port must be held by that sshd."""
     try:
         if int((host.root / "sshd.pid").read_text().strip() or 0) != proc.pid:
             return False
     except (OSError, ValueError):
         return False
-    try:
+    listening = _listening(proc.pid, host.address, host.port)
+    if listening is not None:
+        return listening
+    try:  # no /proc/net: connect (and say hello: a silent hang-up is logged as an error)
         with socket.create_connection((host.address, host.port), timeout=1) as s:
             s.settimeout(2)
+            s.sendall(b"SSH-2.0-testhosts_probe\r\n")
             return s.recv(4).startswith(b"SSH-")
     except OSError:
         return False
@@ -518,6 +540,10 @@ illegal() {{
     echo "usage: $prog {usage}" >&2
     exit 1
 }}
+not_emulated() {{
+    echo "$prog: -$1 is a BSD option this test host does not emulate" >&2
+    exit 1
+}}
 # rebuild "$@" as: options given in $opts (already quoted), "--", operands (BSD getopt stops at
 # the first operand; GNU would go on parsing options after it)
 q() {{ printf "'%s'" "$(printf '%s' "$1" | /usr/bin/sed "s/'/'\\\\\\\\''/g")"; }}
@@ -547,10 +573,11 @@ _BSD_WRAPPERS = {
     "ln": (
         "/usr/bin/ln",
         "[-s [-F] | -L | -P] [-f | -i] [-hnv] source_file [target_file]",
-        ":LPfhinsvw",
+        ":FLPfhinsvw",
         """\
         [hn]) opts="$opts -n" ;;
         w) ;;
+        F) not_emulated F ;;
         [LPfisv]) opts="$opts -$o" ;;""",
     ),
     # macOS <= 12.2 readlink has only -n (no -f/-e/-m)
@@ -565,11 +592,12 @@ _BSD_WRAPPERS = {
     "stat": (
         "/usr/bin/stat",
         "[-FLnq] [-f format | -l | -r | -s | -x] [-t timefmt] [file ...]",
-        ":f:Ln",
+        ":f:LnFlqrsxt:",
         """\
-        f) fmt=$(bsd_format "$OPTARG") || exit 1; opts="$opts -c $(q "$fmt")" ;;
+        f) fmt=$(bsd_format "$OPTARG") || exit 1 ;;
         L) opts="$opts -L" ;;
-        n) ;;""",
+        n) nonl=1 ;;
+        [Flqrsxt]) not_emulated "$o" ;;""",
     ),
     # BSD sed: -i/-I require a suffix argument (may be ''), no --*, no -z/-s GNU extras
     "sed": (
@@ -619,6 +647,12 @@ bsd_format() {
 }
 """
 
+_STAT_POST = """\
+if [ -n "${fmt+x}" ]; then
+    if [ -n "${nonl-}" ]; then opts="$opts $(q "--printf=$fmt")"; else opts="$opts -c $(q "$fmt")"; fi
+fi
+"""
+
 _BSD_TAIL = """\
 while getopts "{optstring}" o; do
     case $o in
@@ -628,7 +662,7 @@ while getopts "{optstring}" o; do
         *) illegal "$OPTARG" ;;
     esac
 done
-shift $((OPTIND - 1))
+{post}shift $((OPTIND - 1))
 eval "set -- $opts -- \\"\\$@\\""
 exec {real} "$@"
 """
@@ -676,9 +710,11 @@ def _make_bsdbin(bindir: Path) -> None:
     (bindir / "python3").symlink_to(python)
     for prog, (real, usage, optstring, cases) in _BSD_WRAPPERS.items():
         text = _BSD_PRELUDE.format(prog=prog, usage=usage)
+        post = ""
         if prog == "stat":
             text += _STAT_FORMAT
-        text += _BSD_TAIL.format(optstring=optstring, cases=cases, usage=usage, real=real)
+            post = _STAT_POST
+        text += _BSD_TAIL.format(optstring=optstring, cases=cases, usage=usage, real=real, post=post)
         (bindir / prog).write_text(text)
         (bindir / prog).chmod(0o755)
     (bindir / "uname").write_text(_UNAME)
@@ -741,14 +777,9 @@ def _alive(pid: int) -> bool:
     return bool(stat) and not stat[stat.rindex(b")") + 2 :].startswith(b"Z")
 
 
-def _exists(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
-def _signal_all(pids: set[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def _stop(
@@ -758,32 +789,37 @@ def _stop(
     procs: list[subprocess.Popen] = (),
     timeout: float = 5.0,
 ) -> None:
-    """Sessions first (their listener, still alive, reaps them: no orphaned zombies), then the
-    listeners, then anything marked that is left; SIGTERM, then SIGKILL after `timeout`."""
+    """End every process of a host set, each by PID: session processes leaves first, so each
+    is reaped by its still-running parent (no orphaned zombies), the listeners last. SIGTERM;
+    SIGKILL for whatever is still there after `timeout`."""
     listeners = {p for p in listener_pids if p > 0 and _is_ours(p, marker, configs)}
-    sessions = find_processes(marker, configs, list(listeners)) - listeners
-    _signal_all(sessions, signal.SIGTERM)
-    deadline = time.monotonic() + min(timeout, 2.0)
-    while time.monotonic() < deadline and any(
-        _exists(p) and (_alive(p) or _ppid(p) in listeners) for p in sessions
-    ):
-        time.sleep(0.01)
-    _signal_all({p for p in sessions if _alive(p)}, signal.SIGKILL)
-    _signal_all(listeners, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    killed = False
+    sent: dict[int, int] = {}
     while True:
-        for proc in procs:  # reap our own children (the listeners) so no zombie is left
+        for proc in procs:  # reap our own children (the listeners)
             proc.poll()
-        left = {p for p in listeners | find_processes(marker, configs) if _alive(p)}
-        if not left:
+        live = find_processes(marker, configs, list(listeners))
+        todo = (live - listeners) or live
+        if not todo:
             return
-        if time.monotonic() > deadline:
-            if killed:
-                raise RuntimeError(f"test host processes survived SIGKILL: {sorted(left)}")
-            _signal_all(left, signal.SIGKILL)
-            killed, deadline = True, time.monotonic() + 2
-        time.sleep(0.02)
+        parents = {_ppid(p) for p in todo}
+        leaves = {p for p in todo if p not in parents} or todo
+        now = time.monotonic()
+        if now > deadline + 2:
+            raise RuntimeError(f"test host processes survived SIGKILL: {sorted(live)}")
+        sig = signal.SIGKILL if now > deadline else signal.SIGTERM
+        for pid in leaves:
+            if sent.get(pid) != sig:
+                _signal(pid, sig)
+                sent[pid] = sig
+        # wait (briefly) until the leaves are gone, or are zombies nobody of ours will reap
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until and any(
+            _alive(p) or (os.path.exists(f"/proc/{p}") and _ppid(p) in live) for p in leaves
+        ):
+            for proc in procs:
+                proc.poll()
+            time.sleep(0.005)
 
 
 def stop_dir(dir: Path) -> int:

@@ -19,7 +19,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -142,24 +144,41 @@ class _HostKeyPolicy:
 
 
 def ssh_command(spec: HostSpec, options: SSHOptions, control_path: str | None) -> list[str]:
-    """The OpenSSH client command line (without the host) with our host-key policy."""
+    """The OpenSSH client command line (without the host) with our host-key policy.
+
+    It names the very ssh_config and known_hosts files paramiko resolved, so both channels trust
+    the same keys (OpenSSH would otherwise read the passwd home's ~/.ssh, not $HOME's).
+    """
     cmd = ["ssh"]
-    if options.ssh_config is not None:
-        cmd += ["-F", str(options.ssh_config)]
+    if spec.config_path is not None:
+        cmd += ["-F", str(spec.config_path)]
+    known = " ".join(f'"{k}"' if " " in k else k for k in spec.known_hosts)
     cmd += [
         "-o",
         "BatchMode=yes",
         "-o",
         f"StrictHostKeyChecking={'accept-new' if options.accept_new_host_keys else 'yes'}",
         "-o",
+        f"UserKnownHostsFile={known}",
+        "-o",
         f"ConnectTimeout={int(options.connect_timeout)}",
     ]
     if control_path:
-        cmd += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_path}", "-o", "ControlPersist=yes"]
+        # bounded: a master orphaned by a killed run goes away by itself
+        cmd += ["-o", "ControlMaster=auto", "-o", f"ControlPath={control_path}", "-o", "ControlPersist=30"]
     if spec.user:
         cmd += ["-l", spec.user]
     cmd += ["-p", str(spec.port)]
     return cmd
+
+
+def _die_with_parent() -> None:
+    """In the rsync child (Linux): die with adapterctl, so a killed run leaves no writer behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 _PROGRESS = re.compile(rb"^\s*([\d,.]+)\s+\d+%")
@@ -404,7 +423,13 @@ class SSHTransport(Transport):
             argv.append(f"--link-dest={basis}")  # also the delta basis for files that changed
         argv += [f"{src}/", f"{self.spec.alias}:{dest}/"]
         argv.insert(1, "--info=progress2")
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+        )
         self._procs.append(proc)
         proc.stdin.write(b"\0".join(n.encode() for n in names))
         proc.stdin.close()
