@@ -206,6 +206,7 @@ def deploy(
     ssh: Any = None,
     parallel: int = 4,
     canary: str | None = None,
+    board: Any = None,
 ) -> Report:
     """Plan a deploy and, unless dry_run, execute exactly that plan. Raises UsageError & co."""
     identity = identity or Identity.current()
@@ -232,7 +233,9 @@ def deploy(
         if dry_run:
             return Report(plan, [], _blocked_code(plan), dry_run=True)
         on_plan(plan)
-        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command, parallel)
+        ctx = RunContext(
+            cfg, session.transports, identity, clock, progress, break_lock, command, parallel, board
+        )
         report = execute(plan, ctx)
         report.exit_code = max(report.exit_code, _blocked_code(plan), key=[0, 4, 5, 3, 1].index)
         return report

@@ -206,6 +206,44 @@ def _progress(line: str) -> None:
     err.print(line, markup=False)
 
 
+class ProgressBoard:
+    """Live per-endpoint bars on a terminal (phase, bytes sent); plain lines everywhere else."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, plan) -> None:
+        for name in plan.endpoints:
+            total = sum(s.bytes for s in plan.steps if s.endpoint == name and s.phase == "transfer")
+            self.tasks[name] = self.bars.add_task(f"{name}: waiting", total=max(total, 1))
+        self.bars.start()
+
+    def phase(self, endpoint: str, text: str) -> None:
+        if endpoint in self.tasks:
+            self.bars.update(self.tasks[endpoint], description=f"{endpoint}: {text}")
+
+    def advance(self, endpoint: str, nbytes: int) -> None:
+        if endpoint in self.tasks:
+            self.bars.advance(self.tasks[endpoint], nbytes)
+
+    def stop(self) -> None:
+        self.bars.stop()
+
+
+def _board() -> ProgressBoard | None:
+    return ProgressBoard() if err.is_terminal else None
+
+
 # -- commands ------------------------------------------------------------------------------------
 @app.command()
 def deploy(
@@ -245,22 +283,34 @@ def deploy(
 
     cfg = _run(_config)
     chosen = list(cfg.models) if all_adapters else _split(models)
-    report = _run(
-        api.deploy,
-        cfg,
-        models=chosen,
-        endpoints=_split(endpoints),
-        cycle=cycle,
-        version=version,
-        dry_run=dry_run,
-        break_lock=break_lock,
-        progress=_progress,
-        command=" ".join(sys.argv),
-        on_plan=lambda plan: render_plan(plan, err, False),
-        ssh=_ssh(),
-        parallel=parallel,
-        canary=canary,
-    )
+    board = None if as_json else _board()
+
+    def on_plan(plan) -> None:
+        render_plan(plan, err, False)
+        if board is not None:
+            board.start(plan)
+
+    try:
+        report = _run(
+            api.deploy,
+            cfg,
+            models=chosen,
+            endpoints=_split(endpoints),
+            cycle=cycle,
+            version=version,
+            dry_run=dry_run,
+            break_lock=break_lock,
+            progress=_progress,
+            command=" ".join(sys.argv),
+            on_plan=on_plan,
+            ssh=_ssh(),
+            parallel=parallel,
+            canary=canary,
+            board=board,
+        )
+    finally:
+        if board is not None:
+            board.stop()
     _print_report(report, as_json)
     raise typer.Exit(report.exit_code)
 

@@ -99,6 +99,7 @@ class RunContext:
     break_lock: bool = False
     command: str = ""
     parallel: int = 4
+    board: Any = None  # optional live display: .phase(endpoint, text), .advance(endpoint, nbytes)
 
 
 @dataclass
@@ -199,6 +200,8 @@ class _Run:
             if out.done:
                 continue
             try:
+                if self.ctx.board is not None:
+                    self.ctx.board.phase(step.endpoint, f"{step.model or ''} {step.phase}".strip())
                 getattr(self, "do_" + step.action)(step, out)
                 if step.phase not in out.phases_completed and step.phase not in ("lock", "prune"):
                     out.phases_completed.append(step.phase)
@@ -346,7 +349,9 @@ class _Run:
         )
         basis = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link else None
         try:
-            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], basis)
+            board = self.ctx.board
+            progress = (lambda n: board.advance(step.endpoint, n)) if board is not None else None
+            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], basis, progress)
         except AdapterctlError:
             tr.call("remove_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version)
             raise
