@@ -113,31 +113,40 @@ models:
     return cfg
 
 
-def _start_server(ws: Path) -> subprocess.Popen:
-    run = ws / "endpoints" / "mac-demo" / "run"
+def start_serving_standin(
+    adapter_dir: Path, model: str, run_dir: Path, timeout_s: float = 15
+) -> subprocess.Popen:
+    """Start `python -m adapterctl.serving` for one model, pidfile + loaded.json + log in run_dir.
+
+    Returns once it reported its first load. Raises UsageError if it does not come up.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "adapterctl.serving",
             "--adapter-dir",
-            str(ws / "endpoints" / "mac-demo" / "adapters"),
+            str(adapter_dir),
             "--model",
-            MODEL,
+            model,
             "--pidfile",
-            str(run / "serve.pid"),
+            str(run_dir / "serve.pid"),
             "--log",
-            str(run / "serve.log"),
+            str(run_dir / "serve.log"),
         ],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.monotonic() + 15
-    while not (run / "loaded.json").exists():
+    deadline = time.monotonic() + timeout_s
+    while not (run_dir / "loaded.json").exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise UsageError(f"the serving stand-in did not start (see {run / 'serve.log'})")
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise UsageError(f"the serving stand-in did not start (see {run_dir / 'serve.log'})")
         time.sleep(0.05)
     return proc
 
@@ -156,7 +165,9 @@ def run_demo(directory: Path | None, out, err) -> int:
     out.print(f"demo workspace: {ws}")
     out.print(f"  config: {cfg}  (try: ADAPTERCTL_CONFIG={cfg} adapterctl status)")
     train = ws / "training" / MODEL
-    server = _start_server(ws)
+    server = start_serving_standin(
+        ws / "endpoints" / "mac-demo" / "adapters", MODEL, ws / "endpoints" / "mac-demo" / "run"
+    )
     out.print(f"  serving stand-in for mac-demo running as pid {server.pid} (reloads on SIGUSR1)\n")
     failures = []
 

@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from adapterctl.demo import make_adapter
+from adapterctl.demo import make_adapter, start_serving_standin
 
 MODEL = "gemma_4b"
 TRANSLATOR = [sys.executable, "-m", "adapterctl.demo_translator", "{release}"]
@@ -32,9 +31,23 @@ class Workspace:
     servers: list[subprocess.Popen] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # extra environment for the CLI (e.g. SSH test hosts)
 
+    def cli_env(self) -> dict[str, str]:
+        return dict(os.environ, **self.env, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        """Start the real CLI without waiting (to run several at once); text pipes."""
+        return subprocess.Popen(
+            [sys.executable, "-m", "adapterctl", *args],
+            env=self.cli_env(),
+            cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def cli(self, *args: str, check: int | None = None) -> subprocess.CompletedProcess:
         """Run the real `adapterctl` CLI; assert the exit code when `check` is given."""
-        env = dict(os.environ, **self.env, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+        env = self.cli_env()
         proc = subprocess.run(
             [sys.executable, "-m", "adapterctl", *args],
             env=env,
@@ -77,31 +90,8 @@ class Workspace:
 
     def start_server(self, endpoint: str, model: str = MODEL) -> subprocess.Popen:
         """Start the serving stand-in for `endpoint` (its pidfile is run/serve.pid beside adapter_dir)."""
-        run = self.endpoints[endpoint].parent / "run"
-        run.mkdir(exist_ok=True)
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "adapterctl.serving",
-                "--adapter-dir",
-                str(self.endpoints[endpoint]),
-                "--model",
-                model,
-                "--pidfile",
-                str(run / "serve.pid"),
-                "--log",
-                str(run / "serve.log"),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_serving_standin(self.endpoints[endpoint], model, self.endpoints[endpoint].parent / "run")
         self.servers.append(proc)
-        deadline = time.monotonic() + 15
-        while not (run / "loaded.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "serving stand-in did not start"
-            time.sleep(0.05)
         return proc
 
     def stop_servers(self) -> None:
@@ -113,6 +103,18 @@ class Workspace:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    """Exit 2, `error: ...` on one line (plus an optional `  → hint`), no traceback, nothing on stdout."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    lines = proc.stderr.splitlines()
+    assert lines and lines[0].startswith("error: "), proc.stderr
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  → ")), proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == "", proc.stdout
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def tree_digest(root: Path) -> str:

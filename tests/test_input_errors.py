@@ -8,25 +8,10 @@ Everything runs the real CLI (`ws.cli`) as a subprocess against a real workspace
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import MODEL, tree_digest
-
-
-def assert_one_line_error(proc, *needles: str) -> None:
-    """Exit 2, `error: ...` on one line (plus an optional `  → hint`), no traceback, nothing on stdout."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
-    lines = proc.stderr.splitlines()
-    assert lines and lines[0].startswith("error: "), proc.stderr
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  → ")), proc.stderr
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    assert proc.stdout.strip() == "", proc.stdout
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+from conftest import MODEL, assert_one_line_error, tree_digest
 
 
 def refused(ws, *args: str, needles=(), anywhere=()) -> str:
@@ -203,16 +188,8 @@ ENDPOINT_SYNTAXES = {
 def test_endpoint_list_syntaxes_each_select_both_endpoints_in_the_dry_run_plan(workspace):
     ws = workspace
     digest = tree_digest(ws.root)
-    env = dict(os.environ, ADAPTERCTL_CONFIG=str(ws.config), COLUMNS="200")
     procs = {  # concurrently: dry runs write nothing, and it keeps the suite fast
-        name: subprocess.Popen(
-            [sys.executable, "-m", "adapterctl", *DEPLOY, "--models", MODEL, *sel, "--dry-run", "--json"],
-            env=env,
-            cwd=ws.root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        name: ws.popen(*DEPLOY, "--models", MODEL, *sel, "--dry-run", "--json")
         for name, sel in ENDPOINT_SYNTAXES.items()
     }
     selected = {}

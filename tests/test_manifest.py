@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MODEL, tree_digest
+from conftest import MODEL, assert_one_line_error, tree_digest
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -26,18 +26,6 @@ def sha256(path: Path) -> str:
 def register(ws, path: Path | None = None, cycle: int = 1, model: str = MODEL) -> str:
     args = ["register", "--model", model, "--cycle", str(cycle)]
     return ws.cli(*args, *([str(path)] if path is not None else []), check=0).stdout.strip()
-
-
-def assert_one_line_error(proc, *needles: str) -> None:
-    """Exit 2, `error: ...` on one line (plus an optional `  → hint`), no traceback, nothing on stdout."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
-    lines = proc.stderr.splitlines()
-    assert lines and lines[0].startswith("error: "), proc.stderr
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  → ")), proc.stderr
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    assert proc.stdout.strip() == "", proc.stdout
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def manifest_path(ws) -> Path:

@@ -14,13 +14,12 @@ import re
 import stat
 import struct
 import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MODEL, tree_digest
+from conftest import MODEL, assert_one_line_error, tree_digest
 from safetensors.numpy import save_file
 
 from adapterctl.demo import make_adapter
@@ -54,18 +53,6 @@ def entries(ws, model: str = MODEL) -> list[dict]:
 def register(ws, path: Path | None = None, cycle: int = 1, model: str = MODEL, check: int | None = 0):
     args = ["register", "--model", model, "--cycle", str(cycle)]
     return ws.cli(*args, *([str(path)] if path is not None else []), check=check)
-
-
-def assert_one_line_error(proc, *needles: str) -> None:
-    """Exit 2, `error: ...` on one line (plus an optional `  → hint`), no traceback, nothing on stdout."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
-    lines = proc.stderr.splitlines()
-    assert lines and lines[0].startswith("error: "), proc.stderr
-    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  → ")), proc.stderr
-    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, proc.stderr
-    assert proc.stdout.strip() == "", proc.stdout
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
 def lora_tensors(
@@ -414,16 +401,8 @@ def assert_each_refused(ws, cases: dict) -> None:
         sources[name] = make_adapter(ws.root / "candidates" / name, seed=5, metrics={"final_loss": 0.5})
         corrupt(sources[name])
     digest = tree_digest(ws.root)
-    env = dict(os.environ, ADAPTERCTL_CONFIG=str(ws.config), COLUMNS="200")
     procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "adapterctl", "register", "--model", MODEL, "--cycle", "1", str(src)],
-            env=env,
-            cwd=ws.root,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        name: ws.popen("register", "--model", MODEL, "--cycle", "1", str(src))
         for name, src in sources.items()
     }
     failures = {}
