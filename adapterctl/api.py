@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterctl.config import Config
-from adapterctl.errors import AdapterctlError, UsageError, VersionConflict
-from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now
+from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
+from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now, worst
 from adapterctl.manifest import Manifest, locked
 from adapterctl.names import check_cycle, check_version_id
 from adapterctl.plan import Plan, Target, gather_facts, plan_deploy, plan_rollback
@@ -189,6 +189,57 @@ class Session:
                 tr.close()
 
 
+@dataclass
+class RunOptions:
+    """How a deploy or rollback runs: everything except what goes where."""
+
+    dry_run: bool = False
+    break_lock: bool = False
+    parallel: int = 4
+    ssh: Any = None  # transports.ssh.SSHOptions
+    clock: Callable[[], datetime] = utc_now
+    identity: Identity | None = None
+    progress: Callable[[str], None] = lambda line: None
+    on_plan: Callable[[Plan], None] = lambda plan: None  # called before a real run executes it
+    board: Any = None  # live progress display, see cli.ProgressBoard
+    command: str = ""
+
+
+def _plan_and_run(
+    cfg: Config,
+    eps: list[str],
+    models_of: Callable[[str], list[str]],
+    build: Callable[[dict[str, Any]], Plan],
+    opts: RunOptions,
+) -> Report:
+    """Read every endpoint's facts, build the plan from them, then print it or execute exactly it."""
+    if opts.parallel < 1:
+        raise UsageError(f"--parallel must be at least 1, got {opts.parallel}")
+    session = Session.open(cfg, eps, opts.ssh)
+    try:
+        plan = build(session.facts(models_of, opts.parallel))
+        blocked = EXIT_FAILURE if plan.blocked else 0
+        if opts.dry_run:
+            return Report(plan, [], blocked, dry_run=True)
+        opts.on_plan(plan)
+        ctx = RunContext(
+            cfg,
+            session.transports,
+            opts.identity or Identity.current(),
+            opts.clock,
+            opts.progress,
+            opts.break_lock,
+            opts.command,
+            opts.parallel,
+            opts.board,
+        )
+        report = execute(plan, ctx)
+        report.exit_code = worst([report.exit_code, blocked])
+        return report
+    finally:
+        session.close()
+
+
 def deploy(
     cfg: Config,
     *,
@@ -196,55 +247,31 @@ def deploy(
     endpoints: list[str],
     cycle: int | None = None,
     version: str | None = None,
-    dry_run: bool = False,
-    break_lock: bool = False,
-    clock: Callable[[], datetime] = utc_now,
-    identity: Identity | None = None,
-    progress: Callable[[str], None] = lambda s: None,
-    command: str = "",
-    on_plan: Callable[[Plan], None] = lambda p: None,
-    ssh: Any = None,
-    parallel: int = 4,
     canary: str | None = None,
-    board: Any = None,
+    opts: RunOptions | None = None,
 ) -> Report:
     """Plan a deploy and, unless dry_run, execute exactly that plan. Raises UsageError & co."""
-    identity = identity or Identity.current()
+    opts = opts or RunOptions()
     models = [cfg.model(m).name for m in models]
     eps = select_endpoints(cfg, endpoints)
-    if parallel < 1:
-        raise UsageError(f"--parallel must be at least 1, got {parallel}")
     if canary is not None and canary not in eps:
         raise UsageError(f"--canary {canary} is not one of the selected endpoints ({', '.join(eps)})")
-    targets = resolve_targets(cfg, models, cycle, version, clock)
-    served = [t for t in targets if any(cfg.endpoints[e].serves(t.model) for e in eps)]
-    if not served:
+    targets = resolve_targets(cfg, models, cycle, version, opts.clock)
+    if not any(cfg.endpoints[e].serves(t.model) for t in targets for e in eps):
         raise UsageError(
             f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(t.model for t in targets)}",
             "check `models:` of those endpoints",
         )
     _check_health_config(cfg, [t.model for t in targets])
-    session = Session.open(cfg, eps, ssh)
-    try:
-        facts = session.facts(
-            lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)], parallel
-        )
-        plan = plan_deploy(cfg, new_deployment_id(clock), targets, facts, cycle=cycle, canary=canary)
-        if dry_run:
-            return Report(plan, [], _blocked_code(plan), dry_run=True)
-        on_plan(plan)
-        ctx = RunContext(
-            cfg, session.transports, identity, clock, progress, break_lock, command, parallel, board
-        )
-        report = execute(plan, ctx)
-        report.exit_code = max(report.exit_code, _blocked_code(plan), key=[0, 4, 5, 3, 1].index)
-        return report
-    finally:
-        session.close()
-
-
-def _blocked_code(plan: Plan) -> int:
-    return 1 if plan.blocked else 0
+    return _plan_and_run(
+        cfg,
+        eps,
+        lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)],
+        lambda facts: plan_deploy(
+            cfg, new_deployment_id(opts.clock), targets, facts, cycle=cycle, canary=canary
+        ),
+        opts,
+    )
 
 
 def rollback(
@@ -253,18 +280,10 @@ def rollback(
     endpoints: list[str],
     models: list[str],
     to: str = "previous",
-    dry_run: bool = False,
-    break_lock: bool = False,
-    clock: Callable[[], datetime] = utc_now,
-    identity: Identity | None = None,
-    progress: Callable[[str], None] = lambda s: None,
-    command: str = "",
-    on_plan: Callable[[Plan], None] = lambda p: None,
-    ssh: Any = None,
-    parallel: int = 4,
+    opts: RunOptions | None = None,
 ) -> Report:
     """Swap `active` back (to previous, last-good or a VERSION) and reload. Raises UsageError."""
-    identity = identity or Identity.current()
+    opts = opts or RunOptions()
     if to not in ("previous", "last-good"):
         if to == "base":
             raise UsageError(
@@ -277,23 +296,18 @@ def rollback(
     pairs = [(e, m) for e in eps for m in chosen if cfg.endpoints[e].serves(m)]
     if not pairs:
         raise UsageError("nothing to roll back: the selected endpoints serve none of the selected models")
-    session = Session.open(cfg, eps, ssh)
-    try:
-        facts = session.facts(lambda e: [m for (ep, m) in pairs if ep == e], parallel)
+
+    def build(facts: dict[str, Any]) -> Plan:
         for f in facts.values():
             if isinstance(f, AdapterctlError):
                 raise f
+        chosen_pairs = pairs
         if models == [] and to == "previous":
             # with no --models, roll back only the models that have something to roll back to
-            pairs = [(e, m) for e, m in pairs if facts[e]["models"][m]["previous"]] or pairs
-        plan = plan_rollback(cfg, new_deployment_id(clock), pairs, facts, to)
-        if dry_run:
-            return Report(plan, [], 0, dry_run=True)
-        on_plan(plan)
-        ctx = RunContext(cfg, session.transports, identity, clock, progress, break_lock, command, parallel)
-        return execute(plan, ctx)
-    finally:
-        session.close()
+            chosen_pairs = [(e, m) for e, m in pairs if facts[e]["models"][m]["previous"]] or pairs
+        return plan_rollback(cfg, new_deployment_id(opts.clock), chosen_pairs, facts, to)
+
+    return _plan_and_run(cfg, eps, lambda e: [m for (ep, m) in pairs if ep == e], build, opts)
 
 
 def status(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[dict[str, Any]]:

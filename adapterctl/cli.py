@@ -291,6 +291,16 @@ def deploy(
             board.start(plan)
 
     try:
+        opts = api.RunOptions(
+            dry_run=dry_run,
+            break_lock=break_lock,
+            parallel=parallel,
+            ssh=_ssh(),
+            progress=_progress,
+            on_plan=on_plan,
+            board=board,
+            command=" ".join(sys.argv),
+        )
         report = _run(
             api.deploy,
             cfg,
@@ -298,15 +308,8 @@ def deploy(
             endpoints=_split(endpoints),
             cycle=cycle,
             version=version,
-            dry_run=dry_run,
-            break_lock=break_lock,
-            progress=_progress,
-            command=" ".join(sys.argv),
-            on_plan=on_plan,
-            ssh=_ssh(),
-            parallel=parallel,
             canary=canary,
-            board=board,
+            opts=opts,
         )
     finally:
         if board is not None:
@@ -333,20 +336,16 @@ def rollback(
     from adapterctl import api
 
     cfg = _run(_config)
-    report = _run(
-        api.rollback,
-        cfg,
-        endpoints=_split(endpoints),
-        models=_split(models),
-        to=to,
+    opts = api.RunOptions(
         dry_run=dry_run,
         break_lock=break_lock,
-        progress=_progress,
-        command=" ".join(sys.argv),
-        on_plan=lambda plan: render_plan(plan, err, False),
-        ssh=_ssh(),
         parallel=parallel,
+        ssh=_ssh(),
+        progress=_progress,
+        on_plan=lambda plan: render_plan(plan, err, False),
+        command=" ".join(sys.argv),
     )
+    report = _run(api.rollback, cfg, endpoints=_split(endpoints), models=_split(models), to=to, opts=opts)
     _print_report(report, as_json)
     raise typer.Exit(report.exit_code)
 
