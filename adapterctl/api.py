@@ -70,7 +70,8 @@ def register_version(
     if cycle is None:
         raise UsageError("registering a new adapter needs --cycle N")
     check_cycle(cycle)
-    info = inspect_adapter(source)
+    # the planner already validated and hashed it; the store copy below re-checks every byte
+    info = expect.info if expect is not None and expect.info is not None else inspect_adapter(source)
     with locked(cfg.store) as manifest:
         existing = manifest.by_sha(model, info.sha256)
         check_existing(model, existing, info)
@@ -105,7 +106,9 @@ def _target_from_source(cfg: Config, manifest: Manifest, model: str, cycle: int,
     clash = manifest.version(model, vid)
     if clash:
         raise VersionConflict(f"model {model}: {vid} is already registered with other bytes")
-    return Target(model, vid, info.files, info.size_bytes, cfg.store / model / vid, source=src, cycle=cycle)
+    return Target(
+        model, vid, info.files, info.size_bytes, cfg.store / model / vid, source=src, cycle=cycle, info=info
+    )
 
 
 def _target_from_entry(cfg: Config, model: str, entry: dict[str, Any]) -> Target:

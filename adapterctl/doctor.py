@@ -91,6 +91,9 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
     except AdapterctlError as exc:
         add("adapter_dir", False, exc.message, exc.hint or "")
         return checks
+    if facts.get("problem"):
+        add("adapter_dir", False, facts["problem"], "move that file aside, or choose another adapter_dir")
+        return checks
     where = ep.adapter_dir if facts["adapter_dir_exists"] else f"{ep.adapter_dir} (created on first deploy)"
     add(
         "adapter_dir writable",

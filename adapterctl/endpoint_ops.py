@@ -220,12 +220,17 @@ def copy_tree(src, dest, names, progress=None):
     return len(names), nbytes
 
 
-def _free_bytes(path):
+def _existing_ancestor(path):
     p = os.path.abspath(path)
     while not os.path.exists(p):
         p = os.path.dirname(p)
+    return p
+
+
+def _free_bytes(path):
+    p = _existing_ancestor(path)
     st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize, os.access(p, os.W_OK)
+    return st.f_bavail * st.f_frsize, os.access(p, os.W_OK) and os.path.isdir(p)
 
 
 # -- operations -------------------------------------------------------------------------------
@@ -246,13 +251,21 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
         "pid": None,
         "compat": {},
         "loaded": None,
+        "problem": None,
     }
+    anc = _existing_ancestor(adapter_dir)
+    if not os.path.isdir(anc):
+        out["problem"] = "%s is not a directory, so adapter_dir %s cannot be created there" % (
+            anc,
+            adapter_dir,
+        )
+        models = []
     try:
-        out["status"] = read_json_file(os.path.join(adapter_dir, STATUS_FILE))
+        out["status"] = read_json_file(os.path.join(adapter_dir, STATUS_FILE)) if not out["problem"] else None
     except OpError as exc:
         out["status_error"] = exc.message
     try:
-        out["lock"] = read_json_file(os.path.join(adapter_dir, LOCK_FILE))
+        out["lock"] = None if out["problem"] else read_json_file(os.path.join(adapter_dir, LOCK_FILE))
     except OpError:
         out["lock"] = {"holder": "unreadable lock file"}
     for model in models:

@@ -347,11 +347,10 @@ class _Run:
             files=files,
             link_from=link,
         )
-        basis = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link else None
         try:
             board = self.ctx.board
             progress = (lambda n: board.advance(step.endpoint, n)) if board is not None else None
-            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], basis, progress)
+            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], None, progress)
         except AdapterctlError:
             tr.call("remove_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version)
             raise

@@ -45,6 +45,7 @@ class Target:
     store_dir: Path
     source: Path | None = None  # set when the version step must register it first
     cycle: int | None = None
+    info: Any = None  # versioning.AdapterInfo from planning, reused by the version step
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,9 @@ def plan_deploy(
         mine = [t for t in targets if ep.serves(t.model)]
         if isinstance(facts, AdapterctlError):
             blocked.append((name, None, str(facts)))
+            continue
+        if facts.get("problem"):
+            blocked.append((name, None, f"{facts['problem']} — move it aside or choose another adapter_dir"))
             continue
         steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes))
     return Plan(

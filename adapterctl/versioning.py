@@ -6,6 +6,7 @@ Same bytes twice → the existing id; same id with other bytes → VersionConfli
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from adapterctl.endpoint_ops import compare_files, fsync_dir, hash_files, sha256_file
+from adapterctl.endpoint_ops import CHUNK, compare_files, fsync_dir, hash_files, sha256_file
 from adapterctl.errors import AdapterInvalid, VersionConflict
 from adapterctl.names import check_cycle, check_name
 
@@ -208,6 +209,18 @@ def check_existing(model: str, entry: dict[str, Any] | None, info: AdapterInfo) 
         )
 
 
+def _copy_hashed(src: Path, dst: Path) -> str:
+    """Copy one file (fsynced) and return the sha256 of the bytes copied: one read pass."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while block := fi.read(CHUNK):
+            h.update(block)
+            fo.write(block)
+        fo.flush()
+        os.fsync(fo.fileno())
+    return h.hexdigest()
+
+
 def store_copy(store: Path, model: str, vid: str, info: AdapterInfo) -> Path:
     """Copy the adapter into the immutable store `store/{model}/{vid}/`, re-verifying hashes.
 
@@ -227,11 +240,8 @@ def store_copy(store: Path, model: str, vid: str, info: AdapterInfo) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    for rel in info.files:
-        shutil.copyfile(info.path / rel, tmp / rel)
-        with open(tmp / rel, "rb+") as f:
-            os.fsync(f.fileno())
-    problems = compare_files(info.files, hash_files(str(tmp)))
+    copied = {rel: _copy_hashed(info.path / rel, tmp / rel) for rel in info.files}
+    problems = compare_files(info.files, copied)
     if problems:
         shutil.rmtree(tmp)
         raise VersionConflict(

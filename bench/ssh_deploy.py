@@ -9,7 +9,8 @@ writes --models random PEFT LoRA adapters of --size-mb each, and times (time.per
   2. a no-change redeploy (everything already active) to 1 and to 4 endpoints, in seconds per
      endpoint (target: <= 1 s), against a no-change bare rsync;
   3. the first deploy of a new cycle (every adapter regenerated) to 1 host and to 4 hosts with
-     --parallel 4 (target: 4 hosts / 1 host <= 1.3), against bare rsync to 1 and 4 fresh dirs.
+     --parallel 4 (target: 4 hosts / 1 host <= 1.3), against bare rsync to 1 and 4 fresh dirs;
+     plus bare rsync of new weights with --link-dest=<previous copy>, as adapterctl's rsync runs.
 
 Nothing is asserted: it prints the numbers, the targets, where adapterctl's time went (from the
 time each progress line reached stderr) and the machine facts. All hosts share this machine's
@@ -81,7 +82,7 @@ class Run:
         counts: dict[str, int] = {}
         for o in (self.report or {}).get("outcomes", []):
             counts[o["status"]] = counts.get(o["status"], 0) + 1
-        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no outcomes"
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no steps: already active"
 
 
 class Bench:
@@ -91,7 +92,12 @@ class Bench:
         self.models = [f"model_{i}" for i in range(models)]
         self.hidden = max(64, round(size_mb * 2**20 / BYTES_PER_HIDDEN))
         self.config = self.ws / "adapterctl.yaml"
-        self.env = dict(hosts.env(), ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+        # the CLI's own temp dirs (ControlMaster sockets) go under ours, removed with it
+        self.cli_tmp = tmp / "cli-tmp"
+        self.cli_tmp.mkdir(parents=True, exist_ok=True)
+        self.env = dict(
+            hosts.env(), ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200", TMPDIR=str(self.cli_tmp)
+        )
         self.ssh_e = f"ssh -F {hosts.ssh_config}"
         self.failures: list[str] = []
 
@@ -177,7 +183,7 @@ class Bench:
         run = self._timed(argv)
         sent = run.bytes_sent() / 2**20
         print(
-            f"  adapterctl {label:<44} {run.seconds:7.2f} s  exit {run.rc}  "
+            f"  adapterctl {label:<46} {run.seconds:7.2f} s  exit {run.rc}  "
             f"sent {sent:7.1f} MiB  ({run.statuses()})",
             flush=True,
         )
@@ -189,7 +195,9 @@ class Bench:
             print_timeline(run)
         return run
 
-    def rsync(self, label: str, aliases: list[str], dest_name: str, fresh: bool) -> float:
+    def rsync(
+        self, label: str, aliases: list[str], dest_name: str, fresh: bool, extra: list[str] | None = None
+    ) -> float:
         """Bare `rsync -a` of the adapter dirs to host:<root>/<dest_name>/, all hosts at once."""
         if fresh:
             for a in aliases:
@@ -198,7 +206,15 @@ class Bench:
         t0 = time.perf_counter()
         procs = [
             subprocess.Popen(
-                ["rsync", "-a", "-e", self.ssh_e, *srcs, f"{a}:{self.bare_dir(a, dest_name)}/"],
+                [
+                    "rsync",
+                    "-a",
+                    *(extra or []),
+                    "-e",
+                    self.ssh_e,
+                    *srcs,
+                    f"{a}:{self.bare_dir(a, dest_name)}/",
+                ],
                 cwd=self.ws,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
@@ -210,7 +226,7 @@ class Bench:
         errs = [p.communicate(timeout=CLI_TIMEOUT_S)[1] for p in procs]
         seconds = time.perf_counter() - t0
         codes = [p.returncode for p in procs]
-        print(f"  rsync      {label:<44} {seconds:7.2f} s  exit {max(codes)}", flush=True)
+        print(f"  rsync      {label:<46} {seconds:7.2f} s  exit {max(codes)}", flush=True)
         if any(codes):
             self.failures.append(f"rsync {label}: exit {codes}")
             print("      " + " | ".join(e.strip() for e in errs if e.strip()))
@@ -221,10 +237,10 @@ class Bench:
 PHASE_OF = (
     ("registered", "version (hash + copy into store)"),
     ("already registered", "version (hash + copy into store)"),
-    ("sent ", "transfer (prepare staging + rsync)"),
-    ("published", "publish (hash on endpoint + rename)"),
+    ("sent ", "transfer: prepare staging + rsync (+ the previous model's post-swap steps)"),
+    ("published", "publish: hash on the endpoint + rename"),
     ("hashes verified", "verify_release (hash on endpoint)"),
-    ("active →", "activate (swap links)"),
+    ("active →", "activate: health (none here) + swap links"),
     ("health-check", "health check"),
     ("pruned", "prune"),
 )
@@ -299,13 +315,11 @@ def machine_facts() -> list[str]:
         except OSError:
             return "not found"
 
-    cpu = "?"
     try:
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-        )
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        info = []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
     return [
         f"nproc {os.cpu_count()} ({cpu}), {platform.system()} {platform.release()}",
         f"python {platform.python_version()}; {first_line(['rsync', '--version'])}",
@@ -322,6 +336,10 @@ def drop_caches() -> str | None:
         return None
     except OSError as exc:
         return f"{DROP_CACHES} not writable ({exc.strerror or exc})"
+
+
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def fmt_s(s: float | None) -> str:
@@ -345,6 +363,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ssh-"))
     hosts = None
     started = time.perf_counter()
+    load0 = load_avg()
     try:
         hosts = sshhosts.start_hosts(tmp / "hosts", HOSTS)
         b = Bench(tmp, hosts, args.size_mb, args.models, args.timelines)
@@ -359,112 +378,82 @@ def main() -> None:
         )
         rows: list[tuple[str, str, str, str, str, str]] = []
 
-        def verdict(value: float | None, limit: float) -> str:
-            return "-" if value is None else ("yes" if value <= limit else "NO")
+        def row(metric: str, ctl: float, base: float, target: str = "", limit: float | None = None) -> None:
+            ratio = ctl / base if base else None
+            value = ratio if target.endswith("x") else ctl
+            met = "" if limit is None else ("yes" if value <= limit else "NO")
+            rows.append((metric, fmt_s(ctl), fmt_s(base), fmt_x(ratio), target, met))
 
         # 1. first deploy vs bare rsync ------------------------------------------------------
         print(f"1. first deploy to a fresh endpoint vs bare rsync to a fresh dir, same host ({ONE})")
         first_runs: list[Run] = []
-        pairs = [("rsync first, page cache warm", False, False), ("adapterctl first, cache warm", True, False)]
-        why_no_drop = "skipped (--no-drop-caches)" if args.no_drop_caches else drop_caches()
-        if why_no_drop is None:
+        pairs = [("rsync first, cache warm", False, False), ("adapterctl first, cache warm", True, False)]
+        if not args.no_drop_caches:
             pairs.append(("page cache dropped before each", False, True))
+        why_no_drop = "skipped (--no-drop-caches)" if args.no_drop_caches else None
         for label, ctl_first, cold in pairs:
             b.reset()
             times: dict[str, float] = {}
             for what in ("adapterctl", "rsync") if ctl_first else ("rsync", "adapterctl"):
-                if cold:
-                    drop_caches()
+                if cold and (why_no_drop := drop_caches()) is not None:
+                    break
                 if what == "rsync":
-                    times[what] = b.rsync(f"fresh dir ({label})", [ONE], "bare", fresh=True)
+                    times[what] = b.rsync(f"fresh dir, {label}", [ONE], "bare", fresh=True)
                 else:
-                    run = b.deploy(f"cycle 1, fresh endpoint ({label})", 1, [ONE])
+                    run = b.deploy(f"cycle 1, fresh endpoint, {label}", 1, [ONE])
                     first_runs.append(run)
                     times[what] = run.seconds
-            ratio = times["adapterctl"] / times["rsync"]
-            rows.append(
-                (
-                    f"first deploy {mib:.0f} MiB -> 1 host, {label}",
-                    fmt_s(times["adapterctl"]),
-                    fmt_s(times["rsync"]),
-                    fmt_x(ratio),
+            if len(times) == 2:
+                row(
+                    f"first deploy {mib:.0f} MiB, 1 host, {label}",
+                    times["adapterctl"],
+                    times["rsync"],
                     "<= 1.15x",
-                    verdict(ratio, 1.15),
+                    1.15,
                 )
-            )
         if why_no_drop is not None:
-            print(f"  (no page-cache-dropped pair: {why_no_drop})")
+            print(f"  no page-cache-dropped pair: {why_no_drop}")
 
         # bring the other endpoints to cycle 1 as well (not a metric)
-        print("\n   warm-up: cycle 1 to the other hosts (linux-1 already has it)")
+        print(f"\n   set-up: cycle 1 to every host ({ONE} already has it)")
         b.deploy("cycle 1 -> 4 hosts (3 fresh)", 1, ALL)
 
         # baselines for 2 and 3: bare rsync to 1 and 4 fresh dirs, then unchanged ----------------
         print("\n   bare rsync baselines: fresh dirs on 1 host / 4 hosts at once, then again unchanged")
         rs1 = b.rsync(f"fresh dir, 1 host ({ONE})", [ONE], "par", fresh=True)
         rs4 = b.rsync("fresh dirs, 4 hosts in parallel", ALL, "par", fresh=True)
-        rs_noop1 = statistics.median(
-            b.rsync(f"unchanged, 1 host ({ONE})", [ONE], "par", fresh=False) for _ in range(args.noop_runs)
-        )
+        n = args.noop_runs
+        rs_noop1 = statistics.median(b.rsync(f"unchanged, {ONE}", [ONE], "par", False) for _ in range(n))
         rs_noop4 = statistics.median(
-            b.rsync("unchanged, 4 hosts in parallel", ALL, "par", fresh=False) for _ in range(args.noop_runs)
+            b.rsync("unchanged, 4 hosts in parallel", ALL, "par", False) for _ in range(n)
         )
 
         # 2. no-change redeploy ------------------------------------------------------------
-        print("\n2. no-change redeploy (cycle 1 again, already active everywhere)")
-        noop1 = [b.deploy(f"no change, 1 host ({ONE})", 1, [ONE]) for _ in range(args.noop_runs)]
-        noop4 = [b.deploy("no change, 4 hosts", 1, ALL) for _ in range(args.noop_runs)]
+        print(f"\n2. no-change redeploy (cycle 1 again, already active everywhere; median of {n})")
+        noop1 = [b.deploy(f"no change, 1 host ({ONE})", 1, [ONE]) for _ in range(n)]
+        noop4 = [b.deploy("no change, 4 hosts", 1, ALL) for _ in range(n)]
         n1 = statistics.median(r.seconds for r in noop1)
         n4 = statistics.median(r.seconds for r in noop4) / len(ALL)
-        rows.append(
-            (
-                "no-change redeploy, 1 endpoint: s/endpoint",
-                fmt_s(n1),
-                fmt_s(rs_noop1),
-                fmt_x(n1 / rs_noop1),
-                "<= 1 s",
-                verdict(n1, 1.0),
-            )
-        )
-        rows.append(
-            (
-                "no-change redeploy, 4 endpoints: s/endpoint",
-                fmt_s(n4),
-                fmt_s(rs_noop4 / len(ALL)),
-                fmt_x(n4 / (rs_noop4 / len(ALL))),
-                "<= 1 s",
-                verdict(n4, 1.0),
-            )
-        )
+        row("no-change redeploy, 1 host: s per endpoint", n1, rs_noop1, "<= 1 s", 1.0)
+        row("no-change redeploy, 4 hosts: s per endpoint", n4, rs_noop4 / len(ALL), "<= 1 s", 1.0)
 
         # 3. new cycle: 1 host vs 4 hosts -----------------------------------------------------
-        print("\n3. first deploy of a new cycle (every adapter regenerated) to 1 host, then 4 hosts")
+        print("\n3. first deploy of a new cycle (every adapter regenerated) to 1 host, then to 4 hosts")
         print(f"   regenerated in {b.generate(2):.1f} s")
         new1 = b.deploy(f"cycle 2 -> 1 host ({ONE})", 2, [ONE])
+        # what adapterctl's rsync does for a new cycle: the previous release is --link-dest, so
+        # rsync also uses it as the delta basis for every changed file
+        prev = f"--link-dest={b.bare_dir(ONE, 'par')}"
+        delta = b.rsync("new files, --link-dest=previous copy", [ONE], "par2", True, [prev])
+        whole = b.rsync("same, --link-dest + --whole-file", [ONE], "par2", True, [prev, "--whole-file"])
         print(f"   regenerated in {b.generate(3):.1f} s")
         new4 = b.deploy("cycle 3 -> 4 hosts, --parallel 4", 3, ALL)
-        rows.append(
-            (
-                "new cycle -> 1 host",
-                fmt_s(new1.seconds),
-                fmt_s(rs1),
-                fmt_x(new1.seconds / rs1),
-                "",
-                "",
-            )
-        )
-        rows.append(
-            (
-                "new cycle -> 4 hosts (--parallel 4)",
-                fmt_s(new4.seconds),
-                fmt_s(rs4),
-                fmt_x(new4.seconds / rs4),
-                "",
-                "",
-            )
-        )
+        row("new cycle, 1 host (baseline: fresh dir)", new1.seconds, rs1)
+        row("new cycle, 4 hosts --parallel 4 (fresh dirs)", new4.seconds, rs4)
         r_ctl, r_rs = new4.seconds / new1.seconds, rs4 / rs1
-        rows.append(("  4 hosts / 1 host", fmt_x(r_ctl), fmt_x(r_rs), "", "<= 1.3x", verdict(r_ctl, 1.3)))
+        rows.append(
+            ("  4 hosts / 1 host", fmt_x(r_ctl), fmt_x(r_rs), "", "<= 1.3x", "yes" if r_ctl <= 1.3 else "NO")
+        )
 
         # where the time went --------------------------------------------------------------
         if first_runs:
@@ -474,22 +463,34 @@ def main() -> None:
         print_breakdown(noop4[-1], "no-change redeploy, 4 hosts")
         print_breakdown(new1, "new cycle, 1 host")
         print_breakdown(new4, "new cycle, 4 hosts")
+        print(
+            f"\nbare rsync of new weights next to the previous copy: {delta:.2f} s with --link-dest (delta "
+            f"against the old file), {whole:.2f} s with --whole-file, {rs1:.2f} s into a fresh dir"
+        )
 
         # the table ------------------------------------------------------------------------
-        print("\nbaseline = bare `rsync -a -e 'ssh -F cfg'` of the same adapter dirs (fresh or unchanged dir)")
+        print(f"\nbaseline: bare `rsync -a -e 'ssh -F cfg'` of the same {len(b.models)} adapter dirs")
         head = ("metric", "adapterctl", "baseline", "ratio", "target", "met")
-        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         for r in [head, *rows]:
-            print("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            cells = [
+                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ]
+            print("  ".join(cells))
         print(
-            f"\nnote: the {len(ALL)} hosts are sshd processes on this one machine ({os.cpu_count()} cores, one "
-            "disk): with 4 hosts, 4 ssh+rsync pipelines and their remote hashing compete for the same CPUs "
-            "and disk, so '4 hosts / 1 host' here is a worst case, not what 4 real machines would see"
+            f"\nnote: the {len(ALL)} hosts are sshd processes on this one machine ({os.cpu_count()} cores, "
+            "one disk): with 4 hosts, 4 ssh+rsync pipelines and their remote hashing compete for the same "
+            "CPUs and disk, so '4 hosts / 1 host' here is a worst case, not what 4 real machines would see."
         )
+        print("note: single runs (medians for no-change); other work on this machine adds noise, see load.")
         if why_no_drop is not None:
-            print(f"note: page cache not dropped: {why_no_drop}; both runs read warm files")
+            print(f"note: page cache not dropped: {why_no_drop}")
         for fact in machine_facts():
             print(f"machine: {fact}")
+        print(f"machine: load average at start {load0}, at end {load_avg()}")
+        left = sorted(os.listdir(b.cli_tmp))
+        if left:
+            print(f"note: adapterctl left {len(left)} entries in its TMPDIR: {', '.join(left[:5])}")
         if b.failures:
             print("FAILURES: " + "; ".join(b.failures))
     finally:

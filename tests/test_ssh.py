@@ -7,10 +7,10 @@ the whole session), and runs the real CLI with `--ssh-config` pointing at the ho
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -42,10 +42,10 @@ class SSHWorkspace(Workspace):
         return super().cli(*pre, *args, check=check)
 
     def popen(self, *args: str) -> subprocess.Popen:
-        env = dict(os.environ, **self.env, ADAPTERCTL_CONFIG=str(self.config), COLUMNS="200")
+        """The CLI started without waiting, in its own session (so a SIGKILL hits it alone)."""
         return subprocess.Popen(
             [sys.executable, "-m", "adapterctl", "--ssh-config", str(self.ssh_config), *args],
-            env=env,
+            env=self.cli_env(),
             cwd=self.root,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -151,13 +151,13 @@ def ssh_workspace(workspace: Workspace, ssh_hosts):
         yield ws
     finally:
         for d in dirs.values():
-            top = d.parent
-            for dirpath, _dirs, files in os.walk(top):  # releases are read-only
-                for f in files:
-                    p = os.path.join(dirpath, f)
-                    if not os.path.islink(p):
-                        os.chmod(p, 0o644)
-            shutil.rmtree(top, ignore_errors=True)
+            shutil.rmtree(d.parent, ignore_errors=True)
+        for dirpath, _dirs, files in os.walk(ws.root):  # pytest keeps tmp dirs: drop big copies
+            for name in files:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_size > 16 * 1024 * 1024:
+                        os.unlink(path)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -413,3 +413,280 @@ def test_status_of_an_unreachable_endpoint_exits_1(ssh_workspace, tmp_path):
     cfg = ssh_config_with_known_hosts(ws.hosts, tmp_path / "ssh_config", known)
     proc = ws.cli("status", "--endpoints", "linux-1", ssh_config=cfg)
     assert proc.returncode == 1 and "unknown" in proc.stderr, combined(proc)
+
+
+# -- failures on the endpoint ----------------------------------------------------------------------------
+def test_staging_that_cannot_be_created_fails_clearly_and_leaves_active_untouched(ssh_workspace):
+    """Root ignores permissions, so make mkdir fail another way: a file where staging/ must be."""
+    ws = ssh_workspace
+    deploy(ws, 1, "linux-1", models=[MODEL], check=0)
+    v1 = ws.vid(1)
+    ws.new_adapter(MODEL, "run2", seed=2)
+    blocker = ws.model_dir("linux-1") / "staging"
+    if blocker.is_dir():
+        blocker.rmdir()  # left empty by the first deploy
+    blocker.write_text("not a directory\n")
+    before = tree_digest(ws.endpoints["linux-1"])
+    proc = deploy(ws, 2, "linux-1", models=[MODEL])
+    text = combined(proc)
+    assert proc.returncode == 1, text
+    assert str(blocker) in text and ("File exists" in text or "Not a directory" in text), text
+    assert ws.active("linux-1") == v1
+    assert tree_digest(ws.endpoints["linux-1"]) == before  # nothing left behind, lock released
+    blocker.unlink()
+    deploy(ws, 2, "linux-1", models=[MODEL], check=0)
+    assert ws.active("linux-1") == ws.vid(2)
+
+
+@pytest.fixture
+def tmpfs(ssh_workspace):
+    """mount(dir, size) a tmpfs (we are root); skips when this machine does not permit mounts."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str, *opts: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *opts]), "tmpfs", str(path)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): no small filesystem to fill")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_remote_disk_full_mid_transfer_fails_clearly_cleans_staging_and_keeps_active(ssh_workspace, tmpfs):
+    ws = ssh_workspace
+    adapter_dir = tmpfs(ws.endpoints["linux-2"], "1m")
+    deploy(ws, 1, "linux-2", models=[MODEL], check=0)
+    v1 = ws.vid(1)
+    ws.new_adapter(MODEL, "run2", seed=2, hidden=16384)  # 2 MiB of weights on a 1 MiB disk
+    before = tree_digest(ws.release("linux-2", v1))
+    proc = deploy(ws, 2, "linux-2", models=[MODEL])
+    text = combined(proc)
+    assert proc.returncode == 1, text
+    assert "No space left" in text and "disk is full" in text, text
+    v2 = ws.vid(2)
+    assert ws.active("linux-2") == v1
+    assert tree_digest(ws.release("linux-2", v1)) == before
+    assert not ws.release("linux-2", v2).exists()
+    assert not ws.staging("linux-2", v2).exists()
+    assert os.listdir(ws.model_dir("linux-2") / "staging") == []
+    assert not (adapter_dir / ".adapterctl.lock").exists()
+    st = os.statvfs(adapter_dir)
+    assert (st.f_blocks - st.f_bfree) * st.f_frsize < 256 * 1024, "the partial transfer was not removed"
+
+
+# -- doctor ------------------------------------------------------------------------------------------------
+def test_doctor_all_ok_exits_0(ssh_workspace):
+    ws = ssh_workspace
+    proc = ws.cli("doctor", "--endpoints", "all", check=0)
+    assert "adapterctl doctor" in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
+    checks = json.loads(ws.cli("doctor", "--endpoints", "all", "--json", check=0).stdout)
+    assert {c["endpoint"] for c in checks} == set(HOSTS)
+    assert all(c["result"] == "ok" for c in checks), [c for c in checks if c["result"] != "ok"]
+    [mac_sha] = [c for c in checks if c["endpoint"] == "mac-1" and c["name"] == "sha256 tool"]
+    assert "sha256sum" not in mac_sha["detail"], mac_sha
+
+
+def test_doctor_prints_a_fix_for_each_failure_and_exits_1(ssh_workspace, tmpfs, tmp_path):
+    ws = ssh_workspace
+    # linux-2: adapter_dir does not exist and its parent is on a read-only filesystem
+    ro = tmpfs(ws.endpoints["linux-2"].parent / "ro", "64k", "ro")
+    bad_dir = ro / "sub" / "adapters"
+    write_ssh_config(ws.root, {**{a: str(ws.endpoints[a]) for a in HOSTS}, "linux-2": str(bad_dir)})
+    # mac-1: its host key is unknown (known_hosts holds only the linux hosts' keys)
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "".join(
+            f"{ws.hosts.hosts[a].known_hosts_name} {ws.hosts.hosts[a].host_pubkey}\n"
+            for a in ("linux-1", "linux-2")
+        )
+    )
+    cfg = ssh_config_with_known_hosts(ws.hosts, tmp_path / "ssh_config", known)
+
+    proc = ws.cli("doctor", "--endpoints", "all", ssh_config=cfg)
+    assert proc.returncode == 1, combined(proc)
+    assert "adapterctl doctor" in proc.stdout and "FAIL" in proc.stdout and "fix" in proc.stdout
+    checks = json.loads(ws.cli("doctor", "--endpoints", "all", "--json", ssh_config=cfg, check=1).stdout)
+    failed = {(c["endpoint"], c["name"]): c for c in checks if c["result"] == "FAIL"}
+    assert set(failed) == {("mac-1", "ssh login + host key"), ("linux-2", "adapter_dir writable")}, checks
+    assert all(c["fix"].strip() for c in failed.values()), failed
+    assert "--accept-new-host-keys" in failed[("mac-1", "ssh login + host key")]["fix"]
+    assert str(bad_dir) in failed[("linux-2", "adapter_dir writable")]["fix"]
+    assert all(c["result"] == "ok" for c in checks if c["endpoint"] == "linux-1")
+    assert known.read_text().count("\n") == 2  # doctor never records a key by itself
+
+
+def test_doctor_fails_an_adapter_dir_that_cannot_be_created(ssh_workspace):
+    """As root every existing path is 'writable'; a regular file where a parent directory must be
+    still makes the adapter_dir impossible to create, and doctor must say so (deploy would fail)."""
+    ws = ssh_workspace
+    parent = ws.endpoints["linux-1"].parent
+    parent.mkdir(parents=True)
+    (parent / "not-a-dir").write_text("a file where a directory is needed\n")
+    bad_dir = parent / "not-a-dir" / "adapters"
+    write_ssh_config(ws.root, {"linux-1": str(bad_dir)})
+    checks = json.loads(ws.cli("doctor", "--endpoints", "linux-1", "--json").stdout)
+    failed = [c for c in checks if c["result"] == "FAIL"]
+    assert [c["name"].split()[0] for c in failed] == ["adapter_dir"], checks
+    assert failed[0]["fix"].strip()
+    ws.cli("doctor", "--endpoints", "linux-1", check=1)
+    # (what a deploy would run into)
+    proc = deploy(ws, 1, "linux-1", models=[MODEL])
+    assert proc.returncode == 1 and "not a directory" in combined(proc).lower(), combined(proc)
+
+
+# -- concurrency and interruption (a big adapter, so a transfer takes a while) --------------------------
+@pytest.fixture(scope="module")
+def big_adapter(tmp_path_factory):
+    """A valid LoRA adapter of 128 MiB (8 layers x q/v x r=16 x hidden 65536, float32), made once."""
+    from adapterctl.demo import make_adapter
+
+    root = tmp_path_factory.mktemp("big")
+    yield make_adapter(root / "adapter", seed=7, layers=8, hidden=65536, r=16)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def add_big_adapter(ws: SSHWorkspace, big: Path, run: str) -> Path:
+    """Hard-link the big adapter in as the newest training run of gemma_4b."""
+    dest = ws.sources[MODEL] / run
+    dest.mkdir()
+    for f in big.iterdir():
+        os.link(f, dest / f.name)
+    newest = max((p / "adapter_model.safetensors").stat().st_mtime for p in ws.sources[MODEL].iterdir())
+    os.utime(dest / "adapter_model.safetensors", (newest + 1, newest + 1))
+    return dest
+
+
+def wait_for(what: str, predicate, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the CLI exited ({proc.returncode}) before {what}\nSTDOUT:\n{out}\nSTDERR:\n{err}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_two_deploys_at_once_one_proceeds_the_other_exits_3_naming_the_holder(ssh_workspace, big_adapter):
+    ws = ssh_workspace
+    add_big_adapter(ws, big_adapter, "run2")
+    argv = deploy_argv(1, ("linux-2",), [MODEL])
+    lock = ws.endpoints["linux-2"] / ".adapterctl.lock"
+    first = ws.popen(*argv)
+    try:
+        wait_for("it took the endpoint lock", lock.exists, first)
+        second = ws.cli(*argv)
+        text = combined(second)
+        assert second.returncode == 3, text
+        assert "locked by" in text and f"pid {first.pid}" in text, text
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, f"STDOUT:\n{out}\nSTDERR:\n{err}"
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    v1 = ws.vid(1)
+    assert ws.active("linux-2") == v1
+    release_ok(ws, "linux-2", v1)
+    assert not lock.exists()
+    statuses = sorted(r["status"] for r in ws.log() if r.get("action") == "deploy")
+    assert statuses == ["locked", "success"], statuses
+
+
+class ActiveWatcher(threading.Thread):
+    """Checks, as often as it can, that `active` resolves to a complete release (has RELEASE.json)."""
+
+    def __init__(self, link: Path):
+        super().__init__(daemon=True)
+        self.link, self.stop, self.checks, self.bad, self.seen = link, threading.Event(), 0, [], set()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.checks += 1
+            try:
+                target = os.readlink(self.link)
+            except OSError as exc:
+                self.bad.append(f"active unreadable: {exc}")
+            else:
+                if not (self.link.parent / target / "RELEASE.json").is_file():
+                    self.bad.append(f"active -> {target}, which is not a complete release")
+                self.seen.add(target.rsplit("/", 1)[-1])
+            time.sleep(0.002)
+
+
+def staged_bytes(staging_root: Path) -> int:
+    """Bytes of adapter_model.safetensors under staging/ so far (final, temporary or partial names)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(staging_root):
+        for name in files:
+            if "adapter_model.safetensors" in name:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def processes_naming(text: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+    return found
+
+
+def test_sigkill_during_transfer_then_rerun_finishes_and_active_is_always_valid(ssh_workspace, big_adapter):
+    ws = ssh_workspace
+    deploy(ws, 1, "linux-1", models=[MODEL], check=0)
+    v1 = ws.vid(1)
+    add_big_adapter(ws, big_adapter, "run2")
+    argv = deploy_argv(2, ("linux-1",), [MODEL])
+    watcher = ActiveWatcher(ws.model_dir("linux-1") / "active")
+    watcher.start()
+    try:
+        cli = ws.popen(*argv)
+        try:
+            wait_for(
+                "the transfer was under way",
+                lambda: staged_bytes(ws.model_dir("linux-1") / "staging") > 8 * 1024 * 1024,
+                cli,
+            )
+            os.kill(cli.pid, signal.SIGKILL)  # what `kill -9 <adapterctl pid>` does: the CLI only
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+            cli.communicate()
+        v2 = ws.vid(2)
+        assert cli.returncode == -signal.SIGKILL
+        assert not ws.release("linux-1", v2).exists(), "killed too late: the transfer had finished"
+        assert ws.active("linux-1") == v1
+        held = json.loads((ws.endpoints["linux-1"] / ".adapterctl.lock").read_text())
+        assert held["pid"] == cli.pid
+        # the transfer died with the CLI: no rsync (local or remote) still writes the staging dir
+        staging = str(ws.staging("linux-1", v2))
+        deadline = time.monotonic() + 10
+        while writers := processes_naming(staging):
+            assert time.monotonic() < deadline, f"writers outlived the killed CLI: {writers}"
+            time.sleep(0.05)
+
+        rerun = ws.cli(*argv)
+        text = combined(rerun)
+        assert rerun.returncode == 0, text
+        assert "breaking the lock" in text, text
+    finally:
+        watcher.stop.set()
+        watcher.join()
+    assert ws.active("linux-1") == v2 and ws.previous("linux-1") == v1
+    release_ok(ws, "linux-1", v2)
+    assert not ws.staging("linux-1", v2).exists()
+    assert not (ws.endpoints["linux-1"] / ".adapterctl.lock").exists()
+    assert watcher.bad == [] and watcher.checks > 100, (watcher.checks, watcher.bad[:5])
+    assert watcher.seen == {v1, v2}
+    assert [r["broken_holder"]["pid"] for r in ws.log() if r.get("action") == "break_lock"] == [cli.pid]

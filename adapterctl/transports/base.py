@@ -66,9 +66,10 @@ class Transport(ABC):
     ) -> SyncResult:
         """Send the files `names` (relative to local `src`) into endpoint directory `dest`.
 
-        `basis` is an endpoint directory with older versions of the same files (the newest
-        release), usable for delta transfer. Resumable; never leaves a truncated file under its
-        final name. Raises TransportError.
+        `basis` is an endpoint directory with older versions of the same files: given, changed
+        files are sent as deltas against them (for large, mostly unchanged files such as merged
+        GGUFs); without it whole files are sent (LoRA weights change in every byte).
+        Resumable; never leaves a truncated file under its final name. Raises TransportError.
         """
 
     @abstractmethod
