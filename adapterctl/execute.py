@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class _Run:
         self.locked: set[str] = set()
         self.lock_failed: dict[str, tuple[str, str]] = {}  # endpoint -> (outcome status, why)
         self.failed_models: dict[str, str] = {}
+        self.registered: dict[str, threading.Event] = {}  # model -> set once its version step ended
 
     # -- bookkeeping ------------------------------------------------------------------------
     def outcome(self, step: Step) -> Outcome:
@@ -142,19 +144,30 @@ class _Run:
 
     # -- main loop --------------------------------------------------------------------------
     def run(self) -> list[Outcome]:
-        """Global (version) steps first; then each endpoint's steps, endpoints in parallel.
+        """Version steps on one background worker; each endpoint's steps in order, endpoints in parallel.
 
-        With a canary, its endpoint runs alone first; the others run only if every one of its
-        pipelines succeeded (or had nothing to do), else they are marked skipped, untouched.
+        An endpoint's step for a model waits until that model's version step is done, so model A
+        is already on the wire while model B is still being copied into the store. With a canary,
+        its endpoint runs alone first; the others run only if every one of its pipelines
+        succeeded (or had nothing to do), else they are marked skipped, untouched.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         groups: dict[str, list[Step]] = {}
+        versions: list[Step] = []
         for step in self.plan.steps:
-            if step.endpoint is None:
-                self.run_global(step)
-            else:
-                groups.setdefault(step.endpoint, []).append(step)
+            (versions if step.endpoint is None else groups.setdefault(step.endpoint, [])).append(step)
+        self.registered = {s.model: threading.Event() for s in versions}
+        with ThreadPoolExecutor(max_workers=1) as registrar:
+            done = [registrar.submit(self.run_global, s) for s in versions]
+            self.run_endpoints(groups)
+            for future in done:
+                future.result()  # an unexpected error in a version step surfaces here, not silently
+        return list(self.outcomes.values())
+
+    def run_endpoints(self, groups: dict[str, list[Step]]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         rest = list(groups)
         canary = self.plan.canary
         if canary in groups:
@@ -175,7 +188,6 @@ class _Run:
                 rest = []
         with ThreadPoolExecutor(max_workers=max(1, min(self.ctx.parallel, len(rest) or 1))) as pool:
             list(pool.map(self.run_endpoint, (groups[n] for n in rest)))
-        return list(self.outcomes.values())
 
     def run_endpoint(self, steps: list[Step]) -> None:
         """One endpoint's steps in order: a failed step ends its (endpoint, model) pipeline only."""
@@ -192,6 +204,8 @@ class _Run:
             if step.action == "lock":
                 self.lock(step)
                 continue
+            if step.model in self.registered:
+                self.registered[step.model].wait()
             out = self.outcome(step)
             if step.model in self.failed_models and self.plan.kind == "deploy":
                 if not out.done:
@@ -238,6 +252,8 @@ class _Run:
         except AdapterctlError as exc:
             self.failed_models[step.model] = str(exc)
             self.ctx.progress(f"{step.model}: FAILED in {step.phase}: {exc}")
+        finally:
+            self.registered[step.model].set()
 
     def do_register(self, step: Step) -> None:
         from adapterctl.api import register_version

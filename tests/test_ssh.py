@@ -690,3 +690,39 @@ def test_sigkill_during_transfer_then_rerun_finishes_and_active_is_always_valid(
     assert watcher.bad == [] and watcher.checks > 100, (watcher.checks, watcher.bad[:5])
     assert watcher.seen == {v1, v2}
     assert [r["broken_holder"]["pid"] for r in ws.log() if r.get("action") == "break_lock"] == [cli.pid]
+
+
+def test_proxyjump_from_ssh_config_reaches_a_host_through_another(ssh_workspace, tmp_path):
+    """linux-2 reached only through linux-1 (ProxyJump): paramiko's ops and rsync both take the hop."""
+    ws = ssh_workspace
+    target = ws.hosts.hosts["linux-2"]
+    cfg = tmp_path / "ssh_config_jump"
+    cfg.write_text(
+        ws.hosts.ssh_config.read_text()
+        + f"""
+Host l2-via-l1
+    HostName {target.address}
+    Port {target.port}
+    User root
+    IdentityFile {target.client_key}
+    IdentitiesOnly yes
+    UserKnownHostsFile {ws.hosts.known_hosts}
+    StrictHostKeyChecking yes
+    ProxyJump linux-1
+"""
+    )
+    cfg.chmod(0o600)
+    yaml = ws.config.read_text().replace("    host: linux-2\n", "    host: l2-via-l1\n")
+    assert "l2-via-l1" in yaml
+    ws.config.write_text(yaml)
+    # the hop is really taken: through a jump host that does not answer, nothing is reachable
+    broken = tmp_path / "ssh_config_broken_jump"
+    broken.write_text(cfg.read_text().replace("ProxyJump linux-1", "ProxyJump root@127.0.0.1:1"))
+    broken.chmod(0o600)
+    failed = deploy(ws, 1, "linux-2", ssh_config=broken)
+    assert failed.returncode == 1 and "jump" in combined(failed).lower(), combined(failed)
+    assert not ws.endpoints["linux-2"].exists()
+    proc = deploy(ws, 1, "linux-2", check=0, ssh_config=cfg)
+    assert "success" in proc.stdout
+    release_ok(ws, "linux-2", ws.vid(1))
+    assert ws.active("linux-2") == ws.vid(1)
