@@ -113,6 +113,17 @@ models:
     return cfg
 
 
+def stop_process(proc: subprocess.Popen, timeout_s: float = 10) -> None:
+    """SIGTERM a process we started, SIGKILL it if it lingers, and reap it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start_serving_standin(
     adapter_dir: Path, model: str, run_dir: Path, timeout_s: float = 15
 ) -> subprocess.Popen:
@@ -221,13 +232,7 @@ def run_demo(directory: Path | None, out, err) -> int:
         step("8. registered versions", ["versions"], 0)
         step("9. deploy log", ["log", "--limit", "8"], 0)
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        stop_process(server)
     if failures:
         err.print(f"demo: {len(failures)} step(s) did not behave as expected: {'; '.join(failures)}")
         return 1

@@ -64,16 +64,13 @@ class Plan:
         return sum(s.bytes for s in self.steps if s.phase == "transfer")
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
-
-
-human_bytes = _human
 
 
 def compat_link_paths(ep: EndpointConfig) -> dict[str, str]:
@@ -174,7 +171,8 @@ def _endpoint_steps(
                 Step(
                     "transfer",
                     "transfer",
-                    f"send {len(send)} of {n} files ({_human(size)}) to staging/{t.version_id}.tmp{reuse}",
+                    f"send {len(send)} of {n} files ({human_bytes(size)}) "
+                    f"to staging/{t.version_id}.tmp{reuse}",
                     bytes=size,
                     **base,
                     args=(
@@ -319,14 +317,14 @@ def plan_deploy(
                     "version",
                     "register",
                     f"register {t.source} as {t.version_id}: copy {len(t.files)} files "
-                    f"({_human(t.size_bytes)}) into the store, record in manifest.json",
+                    f"({human_bytes(t.size_bytes)}) into the store, record in manifest.json",
                     model=t.model,
                     version=t.version_id,
                     args=(("source", str(t.source)),),
                 )
             )
         else:
-            notes.append(f"{t.model}: {t.version_id} is registered already ({_human(t.size_bytes)})")
+            notes.append(f"{t.model}: {t.version_id} is registered already ({human_bytes(t.size_bytes)})")
     order = sorted(endpoint_facts, key=lambda n: n != canary)  # the canary's steps come first
     if canary is not None:
         notes.append(f"canary {canary}: runs first, through verify; the other endpoints only if it succeeds")

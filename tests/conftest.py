@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterctl.demo import make_adapter, start_serving_standin
+from adapterctl.demo import make_adapter, start_serving_standin, stop_process
 
 MODEL = "gemma_4b"
 TRANSLATOR = [sys.executable, "-m", "adapterctl.demo_translator", "{release}"]
@@ -96,13 +95,7 @@ class Workspace:
 
     def stop_servers(self) -> None:
         for proc in self.servers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
 
 
 def assert_one_line_error(proc, *needles: str) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import LockHeld, TransportError, UsageError
+from adapterctl.errors import TransportError, UsageError
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,6 @@ class Transport(ABC):
         err = response.get("error") or {}
         kind, message = err.get("kind", "error"), err.get("message", "unknown error")
         where = f"endpoint {self.name} ({self.where})"
-        if kind == "lock_held":
-            raise LockHeld(
-                f"{where}: {message}",
-                "wait for that deploy to finish; if its holder is gone, rerun with --break-lock",
-            )
         if kind == "invalid":
             raise UsageError(f"{where}: {message}")
         raise TransportError(f"{where}: {op} failed: {message}", err.get("hint"))
