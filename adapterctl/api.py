@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, Version
 from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now, worst
 from adapterctl.manifest import Manifest, locked
 from adapterctl.names import check_cycle, check_version_id
-from adapterctl.plan import Plan, Target, gather_facts, plan_deploy, plan_rollback
+from adapterctl.plan import Plan, Target, consent_missing, gather_facts, plan_deploy, plan_rollback
 from adapterctl.transports import open_transport
 from adapterctl.transports.base import Transport
 from adapterctl.versioning import (
@@ -157,9 +157,7 @@ def _check_health_config(cfg: Config, models: Iterable[str]) -> None:
         spec = cfg.models[m].health
         if spec is not None and spec.suite != "none":
             resolve_suite(spec.suite, cfg.path.parent)
-            make_engine(
-                {"engine": spec.engine, "command": spec.command, "timeout_s": spec.timeout_s, "env": spec.env}
-            )
+            make_engine(asdict(spec))
 
 
 @dataclass
@@ -206,6 +204,7 @@ class RunOptions:
     on_plan: Callable[[Plan], None] = lambda plan: None  # called before a real run executes it
     board: Any = None  # live progress display, see cli.ProgressBoard
     command: str = ""
+    allow_outage: bool = False  # consent to reload_method restart (the service is down 10–20 s)
 
 
 def _plan_and_run(
@@ -224,6 +223,13 @@ def _plan_and_run(
         blocked = EXIT_FAILURE if plan.blocked else 0
         if opts.dry_run:
             return Report(plan, [], blocked, dry_run=True)
+        refused = consent_missing(plan)
+        if refused:
+            raise UsageError(
+                f"{', '.join(refused)}: reload_method restart stops the service "
+                "(expected outage 10–20 s); refusing without consent, nothing was changed",
+                "rerun with --allow-outage, or set allow_outage: true for the endpoint in adapterctl.yaml",
+            )
         opts.on_plan(plan)
         ctx = RunContext(
             cfg,
@@ -271,7 +277,13 @@ def deploy(
         eps,
         lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)],
         lambda facts: plan_deploy(
-            cfg, new_deployment_id(opts.clock), targets, facts, cycle=cycle, canary=canary
+            cfg,
+            new_deployment_id(opts.clock),
+            targets,
+            facts,
+            cycle=cycle,
+            canary=canary,
+            allow_outage=opts.allow_outage,
         ),
         opts,
     )
@@ -285,13 +297,12 @@ def rollback(
     to: str = "previous",
     opts: RunOptions | None = None,
 ) -> Report:
-    """Swap `active` back (to previous, last-good or a VERSION) and reload. Raises UsageError."""
+    """Swap `active` back (to previous, last-good, a VERSION, or base: no adapter) and reload.
+
+    Raises UsageError.
+    """
     opts = opts or RunOptions()
-    if to not in ("previous", "last-good"):
-        if to == "base":
-            raise UsageError(
-                "--to base (serve with no adapter) is not built yet", "use previous, last-good or VERSION"
-            )
+    if to not in ("previous", "last-good", "base"):
         check_version_id(to)
     eps = select_endpoints(cfg, endpoints)
     Manifest.load(cfg.store)  # a corrupt manifest stops the rollback before any endpoint changes
@@ -305,10 +316,13 @@ def rollback(
             if isinstance(f, AdapterctlError):
                 raise f
         chosen_pairs = pairs
-        if models == [] and to == "previous":
+        if models == [] and to in ("previous", "base"):
             # with no --models, roll back only the models that have something to roll back to
-            chosen_pairs = [(e, m) for e, m in pairs if facts[e]["models"][m]["previous"]] or pairs
-        return plan_rollback(cfg, new_deployment_id(opts.clock), chosen_pairs, facts, to)
+            slot = "previous" if to == "previous" else "active"
+            chosen_pairs = [(e, m) for e, m in pairs if facts[e]["models"][m][slot]] or pairs
+        return plan_rollback(
+            cfg, new_deployment_id(opts.clock), chosen_pairs, facts, to, allow_outage=opts.allow_outage
+        )
 
     return _plan_and_run(cfg, eps, lambda e: [m for (ep, m) in pairs if ep == e], build, opts)
 

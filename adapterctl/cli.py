@@ -114,7 +114,9 @@ def render_plan(plan, console: Console, dry_run: bool) -> None:
             elif s.model is None:
                 console.print(f"  endpoint {s.endpoint}")
             else:
-                console.print(f"  endpoint {s.endpoint} · model {s.model} · version {s.version}")
+                console.print(
+                    f"  endpoint {s.endpoint} · model {s.model} · version {s.version or '(base model)'}"
+                )
         size = f"  [{human_bytes(s.bytes)}]" if s.phase == "transfer" and s.action == "transfer" else ""
         console.print(f"    {s.phase:<13} {s.summary}{size}", markup=False)
     for note in plan.notes:
@@ -271,6 +273,13 @@ def deploy(
             help="Deploy to this endpoint first, through verify; touch the others only if it succeeds."
         ),
     ] = None,
+    allow_outage: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outage",
+            help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure.
@@ -300,6 +309,7 @@ def deploy(
             on_plan=on_plan,
             board=board,
             command=" ".join(sys.argv),
+            allow_outage=allow_outage,
         )
         report = _run(
             api.deploy,
@@ -322,10 +332,19 @@ def deploy(
 def rollback(
     endpoints: EndpointsOpt = None,
     models: ModelsOpt = None,
-    to: Annotated[str, typer.Option("--to", help="previous | last-good | VERSION_ID")] = "previous",
+    to: Annotated[
+        str, typer.Option("--to", help="previous | last-good | base (no adapter) | VERSION_ID")
+    ] = "previous",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
     break_lock: Annotated[bool, typer.Option("--break-lock", help="Break a stale endpoint lock.")] = False,
     parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
+    allow_outage: Annotated[
+        bool,
+        typer.Option(
+            "--allow-outage",
+            help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Point `active` back at an earlier release and reload the service (run it twice to undo it).
@@ -344,6 +363,7 @@ def rollback(
         progress=_progress,
         on_plan=lambda plan: render_plan(plan, err, False),
         command=" ".join(sys.argv),
+        allow_outage=allow_outage,
     )
     report = _run(api.rollback, cfg, endpoints=_split(endpoints), models=_split(models), to=to, opts=opts)
     _print_report(report, as_json)
@@ -515,6 +535,31 @@ def demo(
 
     code = _run(run_demo, directory, out, err)
     raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option("--model", help="Model name (its directory under --adapter-dir).")],
+    adapter_dir: Annotated[str, typer.Option("--adapter-dir", help="The endpoint's adapter_dir.")],
+    pidfile: Annotated[str, typer.Option("--pidfile", help="Pidfile; loaded.json is written next to it.")],
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port, see the log).")],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    backend: Annotated[str, typer.Option("--backend", help="standin | peft")] = "standin",
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model directory (backend peft).", show_default=False)
+    ] = None,
+    log: Annotated[
+        str | None, typer.Option("--log", help="Append event lines here (else stderr).", show_default=False)
+    ] = None,
+) -> None:
+    """Run the reference serving process: OpenAI-compatible HTTP API, reloads `active` on SIGUSR1."""
+    from adapterctl.serve import main as serve_main
+
+    argv = ["--model", model, "--adapter-dir", adapter_dir, "--pidfile", pidfile, "--port", str(port)]
+    argv += ["--host", host, "--backend", backend]
+    argv += ["--base", base] if base is not None else []
+    argv += ["--log", log] if log is not None else []
+    raise typer.Exit(serve_main(argv))
 
 
 _LIST_COMMANDS = {"deploy", "rollback", "status", "doctor", "versions"}

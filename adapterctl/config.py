@@ -7,6 +7,7 @@ node graph ourselves (not safe_load) because only nodes carry line numbers and s
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import posixpath
@@ -27,13 +28,14 @@ ENV_VAR = "ADAPTERCTL_CONFIG"
 LOCAL_HOST = "local"
 KINDS = ("mlx", "gguf")
 RELOAD_METHODS = ("sigusr1", "restart", "none")
-HEALTH_ENGINES = ("command",)  # mlx | llamacpp | http come later (DESIGN §6)
+HEALTH_ENGINES = ("command", "http")  # mlx | llamacpp come later (DESIGN §6)
+HTTP_MODES = ("openai", "json")
 DEFAULT_STORE = "adapters"
 DEFAULT_KEEP_RELEASES = 5
 DEFAULT_LOCK_STALE_S = 3600.0
 
 _T = "tag:yaml.org,2002:"
-_STR, _INT, _FLOAT, _NULL, _MERGE = (_T + t for t in ("str", "int", "float", "null", "merge"))
+_STR, _INT, _FLOAT, _NULL, _MERGE, _BOOL = (_T + t for t in ("str", "int", "float", "null", "merge", "bool"))
 _KINDS_OF_SCALAR = {
     "str": "a string",
     "int": "an integer",
@@ -52,6 +54,13 @@ class HealthSpec:
     command: tuple[str, ...] | None = None
     timeout_s: float = 30.0
     env: dict[str, str] = field(default_factory=dict, hash=False)
+    # engine: http (DESIGN §6): POST each input to the live service
+    url: str | None = None
+    mode: str = "openai"  # openai | json
+    model: str | None = None  # name sent in the OpenAI request; None = the adapterctl model name
+    request_template: dict[str, Any] | None = field(default=None, hash=False)  # json mode
+    response_path: str | None = None  # json mode: dotted path to the answer
+    headers: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,7 @@ class EndpointConfig:
     pidfile: str | None = None  # absolute on the endpoint
     unit: str | None = None
     reload_timeout_s: float = 10.0
+    allow_outage: bool = False  # reload_method restart may stop the service without --allow-outage
     models: tuple[str, ...] | None = None  # None = serves every model
     compat_links: dict[str, str] = field(
         default_factory=dict, hash=False
@@ -291,6 +301,10 @@ def _seconds(r: _Reader, node: Node, path: str) -> float:
     return value
 
 
+def _bool(r: _Reader, node: Node, path: str) -> bool:
+    return _scalar(r, node, path, {_BOOL}, "true or false")
+
+
 def _enum(*choices: str) -> Converter:
     def convert(r: _Reader, node: Node, path: str) -> str:
         value = _scalar(r, node, path, {_STR}, f"one of {'/'.join(choices)}")
@@ -365,20 +379,65 @@ def _named(kind: str, build: Callable[[_Reader, str, Node, str, Node], Any]) -> 
     return convert
 
 
+def _http_url(r: _Reader, node: Node, path: str) -> str:
+    value = _str(r, node, path)
+    if not value.startswith(("http://", "https://")):
+        raise r.error(node, path, f"{value!r} must start with http:// or https://")
+    return value
+
+
+def _json_value(r: _Reader, node: Node, path: str) -> Any:
+    if isinstance(node, MappingNode):
+        return {k: _json_value(r, v, _join(path, k)) for k, (_, v) in r.pairs(node, path).items()}
+    if isinstance(node, SequenceNode):
+        return [_json_value(r, item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+    return _scalar(r, node, path, {_STR, _INT, _FLOAT, _BOOL, _NULL}, "a JSON value")
+
+
+def _json_object(r: _Reader, node: Node, path: str) -> dict[str, Any]:
+    if not isinstance(node, MappingNode):
+        raise r.error(node, path, f"expected a mapping (a JSON object), got {_describe(node)}")
+    return _json_value(r, node, path)
+
+
 _HEALTH: Schema = {
     "suite": (_str, False),
     "engine": (_enum(*HEALTH_ENGINES), False),
     "command": (_command, False),
     "timeout_s": (_seconds, False),
     "env": (_str_map, False),
+    "url": (_http_url, False),
+    "mode": (_enum(*HTTP_MODES), False),
+    "model": (_str, False),
+    "request_template": (_json_object, False),
+    "response_path": (_str, False),
+    "headers": (_str_map, False),
+}
+_HEALTH_ONLY = {  # keys that belong to one engine: anywhere else they are a mistake
+    "command": ("command", "env"),
+    "http": ("url", "mode", "model", "request_template", "response_path", "headers"),
 }
 
 
 def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
-    values, _ = r.fields(node, path, _HEALTH)
+    values, nodes = r.fields(node, path, _HEALTH)
     spec = HealthSpec(**values)
+    for engine, keys in _HEALTH_ONLY.items():
+        for key in keys:
+            if key in nodes and spec.engine != engine:
+                raise r.error(nodes[key], f"{path}.{key}", f"only used when engine is {engine!r}")
     if spec.engine == "command" and spec.suite != "none" and spec.command is None:
         raise r.error(node, f"{path}.command", "required when engine is 'command' and suite is not 'none'")
+    if spec.engine == "http" and spec.suite != "none" and spec.url is None:
+        raise r.error(node, f"{path}.url", "required when engine is 'http' and suite is not 'none'")
+    if spec.mode == "json":
+        for key in ("request_template", "response_path"):
+            if key not in values:
+                raise r.error(nodes.get("mode", node), f"{path}.{key}", "required when mode is 'json'")
+        if "{input}" not in json.dumps(spec.request_template, ensure_ascii=False):
+            raise r.error(
+                nodes["request_template"], f"{path}.request_template", 'must contain "{input}" somewhere'
+            )
     if spec.suite.startswith("~") or "/" in spec.suite or spec.suite.endswith((".yaml", ".yml")):
         spec = replace(spec, suite=str(r.local_path(spec.suite)))
     return spec
@@ -402,6 +461,7 @@ _ENDPOINT: Schema = {
     "pidfile": (_str, False),
     "unit": (_token, False),
     "reload_timeout_s": (_seconds, False),
+    "allow_outage": (_bool, False),
     "models": (_model_list, False),
     "compat_links": (_compat_links, False),
 }

@@ -128,7 +128,21 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
                 "use adapterctl.serving.AdapterReloader in the service (it writes loaded.json)",
             )
     elif ep.reload_method == "restart":
-        add("serving process", False, "reload_method restart is not built yet", "use sigusr1 or none for now")
+        manager = "launchctl" if facts.get("platform") == "darwin" else "systemctl"
+        found = tr.run(["sh", "-c", f"command -v {manager}"], timeout=30)
+        add(
+            "service manager",
+            found.ok,
+            f"{manager} {'found' if found.ok else 'not found'} for unit {ep.unit}",
+            f"reload_method restart needs {manager} on the endpoint, or use sigusr1 with a pidfile",
+        )
+        if not ep.allow_outage:
+            add(
+                "outage consent",
+                None,
+                "restart reloads mean a 10–20 s outage: deploys need --allow-outage",
+                "set allow_outage: true for this endpoint if that outage is acceptable",
+            )
     lock = facts.get("lock")
     if lock:
         add(

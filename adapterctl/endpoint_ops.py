@@ -484,6 +484,56 @@ def signal_pidfile(pidfile, signame="SIGUSR1"):
     return state["pid"]
 
 
+def service_manager(manager=None):
+    """The service manager of this endpoint: launchctl on macOS, systemctl elsewhere."""
+    return manager or ("launchctl" if sys.platform == "darwin" else "systemctl")
+
+
+def restart_argv(unit, manager=None):
+    """argv that restarts `unit`: `systemctl restart UNIT` or `launchctl kickstart -k TARGET`.
+
+    A launchd label without a domain (`com.adapterctl.serve`) means the caller's GUI domain,
+    `gui/<uid>/<label>`; a full service target (`system/<label>`) is used as given.
+    """
+    if not isinstance(unit, str) or not unit or unit.startswith("-") or any(c.isspace() for c in unit):
+        raise OpError("invalid", "invalid service unit %r" % (unit,))
+    manager = service_manager(manager)
+    if manager == "launchctl":
+        target = unit if "/" in unit else "gui/%d/%s" % (os.getuid(), unit)
+        return ["launchctl", "kickstart", "-k", target]
+    if manager == "systemctl":
+        return ["systemctl", "restart", unit]
+    raise OpError("invalid", "unknown service manager %r (systemctl or launchctl)" % (manager,))
+
+
+@op
+def restart_service(unit, manager=None, timeout_s=30.0):
+    """Restart a service with the endpoint's service manager (found on PATH), bounded by timeout_s.
+
+    Never raises for a failed restart: returns {'argv', 'rc', 'stderr', 'stdout'}; rc is None
+    when the command timed out, 127 when the manager is not installed.
+    """
+    import subprocess
+
+    argv = restart_argv(unit, manager)
+    try:
+        # stdin closed and output captured: over SSH this process's stdio is the op channel
+        proc = subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=float(timeout_s)
+        )
+    except FileNotFoundError:
+        return {"argv": argv, "rc": 127, "stdout": "", "stderr": "%s: command not found on PATH" % argv[0]}
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        return {
+            "argv": argv,
+            "rc": None,
+            "stdout": "",
+            "stderr": (err + "\n" if err else "") + "timed out after %g s" % float(timeout_s),
+        }
+    return {"argv": argv, "rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
 @op
 def read_json(path):
     return read_json_file(path)

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,8 @@ from adapterctl.plan import Plan, Step, compat_link_paths, loaded_file
 from adapterctl.transports.base import Transport
 
 # outcome status -> exit code; worst wins in the order of EXIT_SEVERITY
+LIVE_ENGINES = ("http",)  # engines that query the running service: they can only verify after activation
+
 STATUS_EXIT = {
     "skipped": EXIT_OK,  # a canary failure sets the exit code; the untouched endpoints add nothing
     "success": EXIT_OK,
@@ -45,6 +47,7 @@ STATUS_EXIT = {
     "failed": EXIT_FAILURE,
 }
 EXIT_SEVERITY = [EXIT_OK, EXIT_HEALTH, EXIT_ROLLED_BACK, EXIT_LOCKED, EXIT_FAILURE]
+_STEP_VERSION: Any = object()  # do_reload's default: expect the step's version (None means no adapter)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Outcome:
     bytes_sent: int = 0
     started: float = field(default_factory=time.monotonic)
     swapped: tuple[str | None, str | None] | None = None  # links to restore if a deploy fails after swap
+    restarted: bool = False  # reload_method restart: the service manager restarted the service
 
     @property
     def done(self) -> bool:
@@ -446,13 +450,18 @@ class _Run:
             root=os.path.dirname(ep.adapter_dir.rstrip("/")),
         )
 
-    def do_reload(self, step: Step, out: Outcome, version: str | None = None) -> None:
+    def do_reload(self, step: Step, out: Outcome, version: Any = _STEP_VERSION) -> None:
+        """Make the service load what `active` points at now, and confirm it (loaded.json).
+
+        `version`: what the service must then report (None = no adapter); default the step's.
+        """
         ep, tr = self.ep(step)
-        expect = step.version if version is None else version
+        expect = step.version if version is _STEP_VERSION else version
         if ep.reload_method == "none":
             return
-        if ep.reload_method != "sigusr1":
-            raise PhaseError(f"endpoint {ep.name}: reload_method {ep.reload_method} is not built yet")
+        if ep.reload_method == "restart":
+            self.restart(step, out, expect)
+            return
         path = loaded_file(ep)
         before = tr.call("read_json", path=path) if path else None
         pid = tr.call("signal_pidfile", pidfile=ep.pidfile)
@@ -461,15 +470,76 @@ class _Run:
             why = "no loaded.json" if before is None else f"loaded.json speaks for {before.get('model')}"
             self.say(step, f"SIGUSR1 sent to pid {pid} ({why}: reload of {step.model} not confirmed)")
             return
+        now = self.await_report(
+            step, path, before, ("seq", "loaded_at"), expect, f"pid {pid} did not confirm the reload"
+        )
+        self.say(step, f"pid {now.get('pid', pid)} confirmed it loaded {expect or 'no adapter'}")
+
+    def restart(self, step: Step, out: Outcome, expect: str | None) -> None:
+        """reload_method restart: systemctl restart / launchctl kickstart -k on the endpoint, then confirm.
+
+        The restarted process has a new pid and starts counting `seq` at 1 again, so a fresh report
+        is one whose pid, seq or loaded_at differs from the one read before the restart.
+        """
+        ep, tr = self.ep(step)
+        path = loaded_file(ep)
+        before = tr.call("read_json", path=path) if path else None
+        res = tr.call(
+            "restart_service", unit=ep.unit, manager=step.arg("manager"), timeout_s=ep.reload_timeout_s
+        )
+        command = " ".join(res["argv"])
+        self.status_update(step, {"last_reload": iso(self.ctx.clock())})
+        if res["rc"] != 0:
+            tail = " ".join((res.get("stderr") or res.get("stdout") or "").strip().splitlines()[-3:])
+            exit_text = "timed out" if res["rc"] is None else f"exit {res['rc']}"
+            raise PhaseError(
+                f"endpoint {ep.name}: `{command}` failed ({exit_text}) for unit {ep.unit}: "
+                f"{tail or 'no output'}",
+                f"check the unit on the endpoint (`{res['argv'][0]} status {ep.unit}` or its log)",
+            )
+        out.restarted = True
+        if before is None or before.get("model", step.model) != step.model:
+            why = (
+                "no loaded.json beside the pidfile"
+                if before is None
+                else f"loaded.json speaks for {before.get('model')}"
+            )
+            self.say(step, f"`{command}` done ({why}): restart not confirmed")
+            return
+        now = self.await_report(
+            step,
+            path,
+            before,
+            ("pid", "seq", "loaded_at"),
+            expect,
+            f"the restarted service ({ep.unit}) did not report what it loaded",
+        )
+        self.say(
+            step,
+            f"`{command}`: new pid {now.get('pid')} (was {before.get('pid')}) "
+            f"confirmed it loaded {expect or 'no adapter'}",
+        )
+
+    def await_report(
+        self,
+        step: Step,
+        path: str,
+        before: dict[str, Any],
+        keys: tuple[str, ...],
+        expect: str | None,
+        late: str,
+    ) -> dict[str, Any]:
+        """Wait ≤ reload_timeout_s for a loaded.json whose `keys` differ from `before`; check it reports
+        `expect` (None = no adapter). Raises PhaseError when late or wrong."""
+        ep, tr = self.ep(step)
         deadline = time.monotonic() + ep.reload_timeout_s
         while True:
             now = tr.call("read_json", path=path) or {}
-            if now.get("seq", now.get("loaded_at")) != before.get("seq", before.get("loaded_at")):
+            if now and any(now.get(k) != before.get(k) for k in keys):
                 break
             if time.monotonic() > deadline:
                 raise PhaseError(
-                    f"endpoint {ep.name}: pid {pid} did not confirm the reload within "
-                    f"{ep.reload_timeout_s:g} s ({path} unchanged)",
+                    f"endpoint {ep.name}: {late} within {ep.reload_timeout_s:g} s ({path} unchanged)",
                     "check the service log; raise reload_timeout_s if it is just slow",
                 )
             time.sleep(0.05)
@@ -478,9 +548,13 @@ class _Run:
                 f"endpoint {ep.name}: the service reports {now.get('version_id') or 'no adapter'} "
                 f"loaded, expected {expect or 'no adapter'}: {now.get('error') or 'wrong version'}"
             )
-        self.say(step, f"pid {pid} confirmed it loaded {expect or 'no adapter'}")
+        return now
 
     def do_verify(self, step: Step, out: Outcome) -> None:
+        if step.arg("base"):
+            self.say(step, "base model: health suite not applicable (the reload was confirmed above)")
+            self.status_update(step, {"health_status": "base_model"})
+            return
         result = self.health(step, "active")
         if result is None:
             if not step.arg("report_only"):
@@ -516,10 +590,13 @@ class _Run:
         spec = self.cfg.models[step.model].health
         if spec is None or spec.suite == "none":
             return None
+        if spec.engine in LIVE_ENGINES and where != "active":
+            self.say(
+                step, f"health-check {where}: skipped, the {spec.engine} engine only sees the live service"
+            )
+            return None
         suite = resolve_suite(spec.suite, self.cfg.path.parent)
-        engine = make_engine(
-            {"engine": spec.engine, "command": spec.command, "timeout_s": spec.timeout_s, "env": spec.env}
-        )
+        engine = make_engine(asdict(spec))
         target = HealthTarget(
             endpoint=ep.name,
             model=step.model,
@@ -583,7 +660,8 @@ class _Run:
                         target=f"{ep.adapter_dir}/{step.model}/active",
                         root=os.path.dirname(ep.adapter_dir.rstrip("/")),
                     )
-            self.do_reload(step, out, version=restore_a)
+            if not self.still_serving(step, out, restore_a):
+                self.do_reload(step, out, version=restore_a)
         except AdapterctlError as exc2:
             out.status = "failed"
             out.error = f"{exc}; ROLLBACK ALSO FAILED: {exc2}"
@@ -603,6 +681,28 @@ class _Run:
             },
         )
         self.say(step, f"ROLLED BACK to {restore_a or '(no adapter)'}")
+
+    def still_serving(self, step: Step, out: Outcome, version: str | None) -> bool:
+        """reload_method restart, when the restart never happened (e.g. an unknown unit): is the old
+        process still up and serving `version`? Then a rollback needs no restart (and no outage)."""
+        ep, tr = self.ep(step)
+        path = loaded_file(ep)
+        if ep.reload_method != "restart" or out.restarted or path is None:
+            return False
+        report = tr.call("read_json", path=path) or {}
+        state = tr.call("check_pidfile", pidfile=ep.pidfile)
+        if not (
+            state["alive"]
+            and report.get("pid") == state["pid"]
+            and report.get("ok", True)
+            and report.get("version_id") == version
+        ):
+            return False
+        self.say(
+            step,
+            f"the service was not restarted: pid {state['pid']} still serves {version or 'no adapter'}",
+        )
+        return True
 
     def status_update(self, step: Step, fields: dict[str, Any]) -> None:
         ep, tr = self.ep(step)

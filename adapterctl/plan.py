@@ -90,7 +90,7 @@ def gather_facts(ep: EndpointConfig, transport: Transport, models: list[str]) ->
         "facts",
         adapter_dir=ep.adapter_dir,
         models=models,
-        pidfile=ep.pidfile if ep.reload_method == "sigusr1" else None,
+        pidfile=ep.pidfile if ep.reload_method in ("sigusr1", "restart") else None,
         compat_links=compat_link_paths(ep),
         loaded_file=loaded_file(ep),
     )
@@ -101,18 +101,61 @@ def _newest_release(mfacts: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return max(complete, key=lambda r: r["mtime"]) if complete else None
 
 
-def _reload_summary(ep: EndpointConfig, facts: Mapping[str, Any], version: str) -> str:
+def _restart_manager(facts: Mapping[str, Any]) -> str:
+    """launchctl on a macOS endpoint (its python reports sys.platform darwin), else systemctl."""
+    return "launchctl" if facts.get("platform") == "darwin" else "systemctl"
+
+
+def outage_consent(ep: EndpointConfig, allow_outage: bool) -> bool:
+    """Whether this endpoint may be restarted: --allow-outage, or allow_outage: true in its config."""
+    return ep.reload_method != "restart" or allow_outage or ep.allow_outage
+
+
+def _reload_step(
+    ep: EndpointConfig, facts: Mapping[str, Any], allow_outage: bool, phase: str, **base: Any
+) -> Step:
+    """The reload step of one (endpoint, model, version); `base` holds endpoint, model and version."""
+    args: tuple[tuple[str, Any], ...] = ()
+    if ep.reload_method == "restart":
+        args = (("manager", _restart_manager(facts)), ("needs_consent", not outage_consent(ep, allow_outage)))
+    summary = _reload_summary(ep, facts, base["version"], allow_outage)
+    return Step(phase, "reload", summary, **base, args=args)
+
+
+def consent_missing(plan: Plan) -> list[str]:
+    """Endpoints whose plan restarts the service without consent (a real run must refuse)."""
+    return sorted({s.endpoint for s in plan.steps if s.action == "reload" and s.arg("needs_consent")})
+
+
+def _reload_summary(
+    ep: EndpointConfig, facts: Mapping[str, Any], version: str | None, allow_outage: bool = False
+) -> str:
+    what = version or "no adapter"
     if ep.reload_method == "none":
         return "reload: none configured (the service re-reads `active` on its own); outage 0 s"
     if ep.reload_method == "sigusr1":
         pid = (facts.get("pid") or {}).get("pid")
         confirm = (
-            f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json to report {version}"
+            f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json to report {what}"
             if facts.get("loaded") is not None
             else "the service writes no loaded.json: reload cannot be confirmed"
         )
         return f"reload: SIGUSR1 to pid {pid} (from {ep.pidfile}); {confirm}; outage 0 s"
-    return f"reload: systemctl restart {ep.unit}; expected outage 10–20 s"
+    if _restart_manager(facts) == "launchctl":
+        command = f"launchctl kickstart -k {ep.unit}"
+    else:
+        command = f"systemctl restart {ep.unit}"
+    confirm = (
+        f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json (new pid) to report {what}"
+        if facts.get("loaded") is not None
+        else "no loaded.json beside the pidfile: restart not confirmed"
+    )
+    consent = (
+        ""
+        if outage_consent(ep, allow_outage)
+        else "; needs --allow-outage (or allow_outage: true for this endpoint)"
+    )
+    return f"reload: {command}; expected outage 10–20 s; {confirm}{consent}"
 
 
 def _service_check(ep: EndpointConfig, facts: Mapping[str, Any]) -> tuple[str, str | None]:
@@ -125,7 +168,12 @@ def _service_check(ep: EndpointConfig, facts: Mapping[str, Any]) -> tuple[str, s
 
 
 def _endpoint_steps(
-    cfg: Config, ep: EndpointConfig, facts: Mapping[str, Any], targets: list[Target], notes: list[str]
+    cfg: Config,
+    ep: EndpointConfig,
+    facts: Mapping[str, Any],
+    targets: list[Target],
+    notes: list[str],
+    allow_outage: bool = False,
 ) -> list[Step]:
     steps: list[Step] = []
     links = compat_link_paths(ep)
@@ -234,7 +282,7 @@ def _endpoint_steps(
                         args=(("link", path),),
                     )
                 )
-        steps.append(Step("activate", "reload", _reload_summary(ep, facts, t.version_id), **base))
+        steps.append(_reload_step(ep, facts, allow_outage, "activate", **base))
         steps.append(
             Step(
                 "verify",
@@ -259,10 +307,19 @@ def _endpoint_steps(
             )
     if not steps:
         return []
+    _outage_note(ep, allow_outage, notes)
     holder = Step(
         "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep.name
     )
     return [holder, *steps, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
+
+
+def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:
+    if not outage_consent(ep, allow_outage):
+        notes.append(
+            f"{ep.name}: reload_method restart stops the service (expected outage 10–20 s): "
+            "a real run needs --allow-outage, or allow_outage: true in this endpoint's config"
+        )
 
 
 def _rollback_choice(
@@ -286,6 +343,12 @@ def _health_summary(model_cfg: Any, where: str) -> str:
     h = model_cfg.health
     if h is None or h.suite == "none":
         return f"health-check {where}: no suite configured for {model_cfg.name} (structural checks only)"
+    if h.engine == "http":
+        if where != "the live `active` release":
+            return (
+                f"health-check {where}: skipped — the http engine sees only the live service (runs at verify)"
+            )
+        return f"health-check {where}: suite {h.suite} via http POST {h.url}"
     command = " ".join(h.command or ()) or "(no command)"
     return f"health-check {where}: suite {h.suite} via {h.engine} `{command}`"
 
@@ -305,6 +368,7 @@ def plan_deploy(
     endpoint_facts: Mapping[str, Mapping[str, Any] | AdapterctlError],
     cycle: int | None = None,
     canary: str | None = None,
+    allow_outage: bool = False,
 ) -> Plan:
     """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
     steps: list[Step] = []
@@ -338,7 +402,7 @@ def plan_deploy(
         if facts.get("problem"):
             blocked.append((name, None, f"{facts['problem']} — move it aside or choose another adapter_dir"))
             continue
-        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes))
+        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage))
     return Plan(
         "deploy",
         deployment_id,
@@ -354,10 +418,17 @@ def plan_deploy(
 
 def rollback_target(
     ep: EndpointConfig, model: str, mfacts: Mapping[str, Any], status: Mapping[str, Any] | None, to: str
-) -> str:
-    """Which release `rollback --to` means on this endpoint. Raises UsageError naming what exists."""
+) -> str | None:
+    """Which release `rollback --to` means on this endpoint (None: `base`, serve no adapter).
+
+    Raises UsageError naming what exists.
+    """
     have = [r["version_id"] for r in mfacts["releases"] if r["complete"]]
     exists = f"releases there: {', '.join(have) or 'none'}; active: {mfacts['active'] or 'none'}"
+    if to == "base":
+        if mfacts["active"] is None:
+            raise UsageError(f"{ep.name}: {model} already serves the base model (no `active` link; {exists})")
+        return None
     if to == "previous":
         target = mfacts["previous"]
         if not target or target == "?":
@@ -384,8 +455,14 @@ def plan_rollback(
     pairs: list[tuple[str, str]],
     endpoint_facts: Mapping[str, Mapping[str, Any]],
     to: str,
+    allow_outage: bool = False,
 ) -> Plan:
-    """Per (endpoint, model): lock, swap to the chosen release, reload, verify (report only)."""
+    """Per (endpoint, model): lock, swap to the chosen release, reload, verify (report only).
+
+    `to` base: `active` is removed (previous ← old active), the service reloads with no adapter,
+    and the health suite is skipped (it tests the adapter); the reload confirmation still runs.
+    """
+    notes: list[str] = []
     steps: list[Step] = []
     by_ep: dict[str, list[str]] = {}
     for ep_name, model in pairs:
@@ -399,11 +476,12 @@ def plan_rollback(
             base = dict(endpoint=ep_name, model=model, version=target)
             if ep.reload_method == "sigusr1":
                 ep_steps.append(Step("activate", "check_service", _service_check(ep, facts)[0], **base))
+            shown = target or "(base model, no adapter)"
             ep_steps.append(
                 Step(
                     "rollback",
                     "swap",
-                    f"active → {target}, previous → {mf['active']}",
+                    f"active → {shown}, previous → {mf['active']}",
                     **base,
                     args=(("active", target), ("previous", mf["active"])),
                 )
@@ -419,9 +497,18 @@ def plan_rollback(
                             args=(("link", path),),
                         )
                     )
-            ep_steps.append(Step("rollback", "reload", _reload_summary(ep, facts, target), **base))
-            ep_steps.append(
-                Step(
+            ep_steps.append(_reload_step(ep, facts, allow_outage, "rollback", **base))
+            if target is None:
+                verify = Step(
+                    "verify",
+                    "verify",
+                    "base model: health suite not applicable (it tests the adapter); "
+                    "the reload confirmation above is the check",
+                    **base,
+                    args=(("report_only", True), ("base", True)),
+                )
+            else:
+                verify = Step(
                     "verify",
                     "verify",
                     _health_summary(cfg.models[model], "the live `active` release")
@@ -429,7 +516,8 @@ def plan_rollback(
                     **base,
                     args=(("report_only", True),),
                 )
-            )
+            ep_steps.append(verify)
+        _outage_note(ep, allow_outage, notes)
         steps += [
             Step(
                 "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep_name
@@ -437,4 +525,4 @@ def plan_rollback(
             *ep_steps,
             Step("lock", "unlock", "release the endpoint lock", endpoint=ep_name),
         ]
-    return Plan("rollback", deployment_id, tuple(steps), endpoints=tuple(by_ep))
+    return Plan("rollback", deployment_id, tuple(steps), tuple(notes), endpoints=tuple(by_ep))

@@ -320,7 +320,7 @@ def test_make_engine_builds_a_command_engine_and_describes_it():
     assert engine.timeout_s == 5.0
 
 
-@pytest.mark.parametrize("kind", ["mlx", "llamacpp", "http"])
+@pytest.mark.parametrize("kind", ["mlx", "llamacpp"])
 def test_model_engines_are_announced_as_not_available_yet(kind):
     with pytest.raises(ConfigError, match="not available in this version yet.*engine: command"):
         make_engine({"engine": kind})

@@ -1,28 +1,38 @@
 """Health engines: what turns a suite input into an output for one release on one endpoint.
 
-Only `command` exists today: any program on the endpoint that reads one input line on stdin
-and prints one output line. `mlx`, `llamacpp` and `http` plug in behind the same interface.
+`command`: any program on the endpoint that reads one input line on stdin and prints one output
+line. `http`: POSTs each input to an OpenAI-compatible (or custom JSON) endpoint of the live
+service. `mlx` and `llamacpp` plug in behind the same interface.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import selectors
 import shlex
+import socket
 import string
 import subprocess
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from adapterctl.errors import ConfigError, PhaseError, TransportError
 from adapterctl.transports.base import Transport
 
 ENGINES = ("command", "mlx", "llamacpp", "http")
 PLACEHOLDERS = ("release", "model", "version", "endpoint", "adapter_dir")
+HTTP_PLACEHOLDERS = ("endpoint", "model", "version")
+HTTP_MODES = ("openai", "json")
+OPENAI_RESPONSE_PATH = "choices.0.message.content"
+INPUT_PLACEHOLDER = "{input}"
 
 _STDERR_KEEP = 8192  # bytes of stderr kept for error messages
 _STDERR_LINES = 5
@@ -76,19 +86,19 @@ def _show(argv: Sequence[str]) -> str:
     return " ".join(a if a and not re.search(r"[\s'\"\\]", a) else shlex.quote(a) for a in argv)
 
 
-def _check_template(argv: Sequence[str]) -> None:
+def _check_template(
+    argv: Sequence[str], allowed: Sequence[str] = PLACEHOLDERS, what: str = "health command argument"
+) -> None:
     for arg in argv:
         try:
             names = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
         except ValueError as exc:
-            raise ConfigError(
-                f"health command argument {arg!r}: {exc}", "write literal braces as {{ and }}"
-            ) from None
+            raise ConfigError(f"{what} {arg!r}: {exc}", "write literal braces as {{ and }}") from None
         for name in names:
-            if name not in PLACEHOLDERS:
+            if name not in allowed:
                 raise ConfigError(
-                    f"health command argument {arg!r}: unknown placeholder {{{name}}}",
-                    f"valid placeholders: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}",
+                    f"{what} {arg!r}: unknown placeholder {{{name}}}",
+                    f"valid placeholders: {', '.join('{' + p + '}' for p in allowed)}",
                 )
 
 
@@ -266,16 +276,261 @@ def _reap(proc: subprocess.Popen, grace_s: float) -> None:
             proc.wait(timeout=5.0)
 
 
-def make_engine(spec: Mapping) -> HealthEngine:
-    """Build the engine a config's health section describes (keys: engine, command, timeout_s, env).
+_BODY_KEEP = 200  # characters of a response body quoted in an error
+_MAX_BODY = 8 << 20  # a health answer larger than this is not an answer
 
-    Raises ConfigError for an unknown or not-yet-available engine, or an invalid command spec.
+
+def _excerpt(body: bytes | str) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    return text if len(text) <= _BODY_KEEP else text[:_BODY_KEEP] + "…"
+
+
+def _fill_input(template: object, text: str) -> object:
+    """A copy of the JSON value `template` with "{input}" replaced by `text` in every string."""
+    if isinstance(template, str):
+        return template.replace(INPUT_PLACEHOLDER, text)
+    if isinstance(template, Mapping):
+        return {k: _fill_input(v, text) for k, v in template.items()}
+    if isinstance(template, list | tuple):
+        return [_fill_input(v, text) for v in template]
+    return template
+
+
+def _mentions_input(template: object) -> bool:
+    if isinstance(template, str):
+        return INPUT_PLACEHOLDER in template
+    if isinstance(template, Mapping):
+        return any(_mentions_input(v) for v in template.values())
+    if isinstance(template, list | tuple):
+        return any(_mentions_input(v) for v in template)
+    return False
+
+
+def _follow(value: object, path: str) -> object:
+    """Walk a dotted path (`choices.0.message.content`); raises LookupError naming the missing step."""
+    done: list[str] = []
+    for step in path.split("."):
+        if isinstance(value, Mapping) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and step.lstrip("-").isdigit() and -len(value) <= int(step) < len(value):
+            value = value[int(step)]
+        else:
+            kind = type(value).__name__ if not isinstance(value, Mapping) else "object"
+            raise LookupError(f"no {step!r} at {'.'.join(done) or '(top level)'} (a JSON {kind})")
+        done.append(step)
+    return value
+
+
+class HttpEngine(HealthEngine):
+    """POSTs each input to an HTTP endpoint of the live service and reads the answer out of its JSON.
+
+    `openai` mode sends a chat completion (`model`, one user message, temperature 0, max_tokens 64)
+    and reads `choices.0.message.content`; `json` mode sends `request_template` with "{input}"
+    replaced and reads `response_path`. Every request has a hard total deadline of `timeout_s`
+    (connect, send, headers and body together): a stalled or trickling server cannot block it.
     """
+
+    name = "http"
+
+    def __init__(
+        self,
+        url: str,
+        mode: str = "openai",
+        *,
+        model: str | None = None,
+        request_template: Mapping | None = None,
+        response_path: str | None = None,
+        timeout_s: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ):
+        """Raises ConfigError for a bad url, mode, template, path, timeout or headers."""
+        if not isinstance(url, str) or not url.strip():
+            raise ConfigError(
+                "health engine 'http' needs a `url:`", "e.g. url: http://127.0.0.1:8080/v1/chat/completions"
+            )
+        _check_template([url], HTTP_PLACEHOLDERS, "health url")
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise ConfigError(f"health url {url!r} must start with http:// or https://")
+        if mode not in HTTP_MODES:
+            raise ConfigError(f"health mode {mode!r} is not one of: {', '.join(HTTP_MODES)}")
+        if mode == "json":
+            if not isinstance(request_template, Mapping):
+                raise ConfigError(
+                    "health mode 'json' needs a `request_template:` JSON object",
+                    'e.g. request_template: {prompt: "{input}"}',
+                )
+            if not _mentions_input(request_template):
+                raise ConfigError('health request_template must contain "{input}" somewhere')
+            if not response_path:
+                raise ConfigError(
+                    "health mode 'json' needs a `response_path:`", "e.g. response_path: choices.0.text"
+                )
+        elif request_template is not None:
+            raise ConfigError("health request_template is only used with mode: json")
+        if response_path is not None and (
+            not isinstance(response_path, str) or not all(response_path.split("."))
+        ):
+            raise ConfigError(f"health response_path {response_path!r} must be a dotted path like a.0.b")
+        if model is not None:
+            if not isinstance(model, str) or not model:
+                raise ConfigError(f"health model must be a non-empty string, not {model!r}")
+            _check_template([model], HTTP_PLACEHOLDERS, "health model")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
+            raise ConfigError(f"health timeout_s must be a positive number of seconds, not {timeout_s!r}")
+        headers = dict(headers or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+            raise ConfigError("health headers must map header names to strings")
+        self.url_template = url
+        self.mode = mode
+        self.model_template = model
+        self.request_template = request_template
+        self.response_path = response_path or OPENAI_RESPONSE_PATH
+        self.timeout_s = float(timeout_s)
+        self.headers = headers
+        self._target: HealthTarget | None = None
+        self._url = ""
+        self._model = ""
+
+    def describe(self) -> str:
+        return f"http: POST {self.url_template}"
+
+    def start(self, target: HealthTarget) -> None:
+        """Fill in the url and model name for `target`; no request is made yet."""
+        values = {"endpoint": target.endpoint, "model": target.model, "version": target.version_id}
+        self._target = target
+        self._url = self.url_template.format_map(values)
+        self._model = self.model_template.format_map(values) if self.model_template else target.model
+        parts = urlsplit(self._url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PhaseError(f"{self._where()}: health url {self._url!r} is not an http(s) URL")
+
+    def generate(self, prompt: str) -> str:
+        """POST `prompt` and return the answer text; raises PhaseError on any failure or timeout."""
+        if self._target is None:
+            raise RuntimeError("HttpEngine.generate() called before start()")
+        if self.mode == "openai":
+            payload: object = {
+                "model": self._model,
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "max_tokens": 64,
+            }
+        else:
+            payload = _fill_input(self.request_template, prompt)
+        status, body = self._post(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+        if not 200 <= status < 300:
+            raise self._error(f"HTTP {status}", body, status)
+        try:
+            answer = _follow(json.loads(body.decode("utf-8")), self.response_path)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._error("response is not JSON", body, status) from None
+        except LookupError as exc:
+            raise self._error(f"response has no {self.response_path}: {exc}", body, status) from None
+        if not isinstance(answer, str):
+            what = "null" if answer is None else f"a JSON {type(answer).__name__}"
+            raise self._error(f"{self.response_path} is {what}, not a string", body, status)
+        return answer.strip()
+
+    def close(self) -> None:
+        self._target = None
+
+    # -- internals ------------------------------------------------------------------------------
+    def _where(self) -> str:
+        t = self._target
+        return f"endpoint {t.endpoint}: model {t.model}" if t else "http health engine"
+
+    def _error(self, what: str, body: bytes = b"", status: int | None = None) -> PhaseError:
+        parts = [f"{self._where()}: POST {self._url}: {what}"]
+        if status is not None and not what.startswith("HTTP "):
+            parts.append(f"(HTTP {status})")
+        if body:
+            parts.append(f"body: {_excerpt(body)}")
+        return PhaseError(
+            " ".join(parts),
+            f"check the service with: curl -sS -X POST {shlex.quote(self._url)} "
+            "-H 'Content-Type: application/json' -d '...'",
+        )
+
+    def _post(self, data: bytes) -> tuple[int, bytes]:
+        """One POST under a hard deadline: a watchdog shuts the socket down when timeout_s is up."""
+        parts = urlsplit(self._url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        try:
+            conn = cls(parts.hostname, parts.port, timeout=self.timeout_s)
+        except ValueError as exc:  # e.g. a non-numeric port
+            raise self._error(f"invalid url: {exc}") from None
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        headers = {"Content-Type": "application/json", "Accept": "application/json", **self.headers}
+        if parts.username is not None:
+            raise self._error("credentials in the url are not supported; use headers: {Authorization: ...}")
+        expired = threading.Event()
+        connected: list[socket.socket] = []  # conn.sock is dropped once a closing response arrives
+
+        def watchdog() -> None:
+            expired.set()
+            sock = connected[0] if connected else conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a recv() blocked in another thread
+
+        timer = threading.Timer(self.timeout_s, watchdog)
+        timer.daemon = True
+        status = None
+        timer.start()
+        try:
+            conn.connect()
+            connected.append(conn.sock)
+            if expired.is_set():
+                raise TimeoutError
+            conn.request("POST", path, body=data, headers=headers)
+            response = conn.getresponse()
+            status = response.status
+            body = response.read(_MAX_BODY + 1)
+            if expired.is_set():
+                raise TimeoutError
+        except TimeoutError:
+            raise self._error(f"no complete answer within {self.timeout_s:g} s (timed out)") from None
+        except ConnectionRefusedError:
+            raise self._error("connection refused (is the service running and listening there?)") from None
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise self._error(f"no complete answer within {self.timeout_s:g} s (timed out)") from None
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise self._error(f"request failed: {reason}", status=status) from None
+        finally:
+            timer.cancel()
+            conn.close()
+        if len(body) > _MAX_BODY:
+            raise self._error(f"response body larger than {_MAX_BODY} bytes", body[:_BODY_KEEP], status)
+        return status, body
+
+
+def make_engine(spec: Mapping) -> HealthEngine:
+    """Build the engine a config's health section describes.
+
+    Keys: `engine` (default command); for `command`: command, timeout_s, env; for `http`: url,
+    mode, model, request_template, response_path, timeout_s, headers. Keys whose value is None
+    count as absent and unrelated keys are ignored, so `dataclasses.asdict(HealthSpec)` works.
+    Raises ConfigError for an unknown or not-yet-available engine, or an invalid spec.
+    """
+    spec = {k: v for k, v in spec.items() if v is not None}
     kind = spec.get("engine", "command")
-    if kind in ("mlx", "llamacpp", "http"):
+    if kind in ("mlx", "llamacpp"):
         raise ConfigError(
             f"health engine {kind!r} is not available in this version yet",
-            "use `engine: command` with a program that reads one input line and prints one output line",
+            "use `engine: command` with a program that reads one input line and prints one output line, "
+            "or `engine: http` against the live service",
+        )
+    if kind == "http":
+        return HttpEngine(
+            spec.get("url", ""),
+            spec.get("mode", "openai"),
+            model=spec.get("model"),
+            request_template=spec.get("request_template"),
+            response_path=spec.get("response_path"),
+            timeout_s=spec.get("timeout_s", 30.0),
+            headers=spec.get("headers"),
         )
     if kind != "command":
         raise ConfigError(f"unknown health engine {kind!r}; valid engines: {', '.join(ENGINES)}")

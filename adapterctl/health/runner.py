@@ -86,7 +86,7 @@ def run_suite(
             if elapsed > limit:
                 passed = False
                 reason = "; ".join(filter(None, [reason, f"took {elapsed:.2f} s > {limit:.2f} s"]))
-            results.append(CaseResult(case.input, output, passed, reason, round(elapsed * 1000, 1)))
+            results.append(CaseResult(case.input, output, passed, reason, round(elapsed * 1000, 3)))
     except PhaseError as exc:
         error = str(exc)
         results += [CaseResult(c.input, "", False, "engine error", 0.0) for c in suite.cases[len(results) :]]
@@ -97,8 +97,8 @@ def run_suite(
         engine=engine.describe(),
         cases=results,
         all_passed=error is None and all(r.passed for r in results),
-        latency_p50_ms=round(_percentile(latencies, 50), 1),
-        latency_p95_ms=round(_percentile(latencies, 95), 1),
+        latency_p50_ms=round(_percentile(latencies, 50), 3),
+        latency_p95_ms=round(_percentile(latencies, 95), 3),
         error=error,
     )
 
