@@ -61,6 +61,10 @@ class HealthSpec:
     request_template: dict[str, Any] | None = field(default=None, hash=False)  # json mode
     response_path: str | None = None  # json mode: dotted path to the answer
     headers: dict[str, str] = field(default_factory=dict, hash=False)
+    # identity, not liveness (DESIGN §5): at verify, the live answer to `discriminator` must differ
+    # from the base model's, which `base_command` (a command engine without the adapter) gives
+    discriminator: str | None = None
+    base_command: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -412,6 +416,8 @@ _HEALTH: Schema = {
     "request_template": (_json_object, False),
     "response_path": (_str, False),
     "headers": (_str_map, False),
+    "discriminator": (_str, False),
+    "base_command": (_command, False),
 }
 _HEALTH_ONLY = {  # keys that belong to one engine: anywhere else they are a mistake
     "command": ("command", "env"),
@@ -430,6 +436,9 @@ def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
         raise r.error(node, f"{path}.command", "required when engine is 'command' and suite is not 'none'")
     if spec.engine == "http" and spec.suite != "none" and spec.url is None:
         raise r.error(node, f"{path}.url", "required when engine is 'http' and suite is not 'none'")
+    if (spec.discriminator is None) != (spec.base_command is None):
+        missing = "base_command" if spec.base_command is None else "discriminator"
+        raise r.error(node, f"{path}.{missing}", "discriminator and base_command go together")
     if spec.mode == "json":
         for key in ("request_template", "response_path"):
             if key not in values:

@@ -561,6 +561,14 @@ class _Run:
                 self.mark_good(step)
             return
         out.health["post_activation"] = result
+        if result["all_passed"] and self.cfg.models[step.model].health.discriminator:
+            result["discriminator"] = disc = self.discriminate(step)
+            if not disc["differs"]:
+                result["all_passed"] = False
+                result["error"] = (
+                    f"the live service answers {disc['input']!r} exactly like the base model "
+                    f"({disc['output']!r}): the adapter is loaded but ignored"
+                )
         if result["all_passed"]:
             self.mark_good(step)
             return
@@ -583,8 +591,22 @@ class _Run:
             self.say(step, f"pruned {', '.join(removed)}")
 
     # -- helpers ----------------------------------------------------------------------------
+    def health_target(self, step: Step, where: str):
+        from adapterctl.health import HealthTarget
+
+        ep, tr = self.ep(step)
+        return HealthTarget(
+            endpoint=ep.name,
+            model=step.model,
+            version_id=step.version or "",
+            release_path=f"{ep.adapter_dir}/{step.model}/{where}",
+            adapter_dir=ep.adapter_dir,
+            base_model=self.cfg.models[step.model].base_model,
+            transport=tr,
+        )
+
     def health(self, step: Step, where: str) -> dict[str, Any] | None:
-        from adapterctl.health import HealthTarget, make_engine, resolve_suite, run_suite
+        from adapterctl.health import make_engine, resolve_suite, run_suite
 
         ep, tr = self.ep(step)
         spec = self.cfg.models[step.model].health
@@ -596,17 +618,7 @@ class _Run:
             )
             return None
         suite = resolve_suite(spec.suite, self.cfg.path.parent)
-        engine = make_engine(asdict(spec))
-        target = HealthTarget(
-            endpoint=ep.name,
-            model=step.model,
-            version_id=step.version or "",
-            release_path=f"{ep.adapter_dir}/{step.model}/{where}",
-            adapter_dir=ep.adapter_dir,
-            base_model=self.cfg.models[step.model].base_model,
-            transport=tr,
-        )
-        result = run_suite(suite, engine, target)
+        result = run_suite(suite, make_engine(asdict(spec)), self.health_target(step, where))
         d = result.to_dict()
         verdict = "passed" if result.all_passed else f"FAILED ({len(result.failures)} of {d['cases']})"
         self.say(
@@ -615,6 +627,31 @@ class _Run:
             f"p95 {d['latency_p95_ms']:.1f} ms",
         )
         return d
+
+    def discriminate(self, step: Step) -> dict[str, Any]:
+        """Ask the live release and the base model the discriminator prompt; compare normalized answers."""
+        import unicodedata
+
+        from adapterctl.health import make_engine
+
+        spec = self.cfg.models[step.model].health
+        target = self.health_target(step, "active")
+        answers = []
+        for engine in (
+            make_engine(asdict(spec)),
+            make_engine({"command": spec.base_command, "timeout_s": spec.timeout_s, "env": spec.env}),
+        ):
+            with engine:
+                engine.start(target)
+                answers.append(engine.generate(spec.discriminator))
+        norm = [unicodedata.normalize("NFC", a).casefold().strip() for a in answers]
+        self.say(step, f"discriminator {spec.discriminator!r}: live {answers[0]!r}, base {answers[1]!r}")
+        return {
+            "input": spec.discriminator,
+            "output": answers[0],
+            "base_output": answers[1],
+            "differs": norm[0] != norm[1],
+        }
 
     def health_message(self, step: Step, result: dict[str, Any]) -> str:
         """One summary line, then one line per failing sentence with its actual output."""

@@ -350,7 +350,12 @@ def _health_summary(model_cfg: Any, where: str) -> str:
             )
         return f"health-check {where}: suite {h.suite} via http POST {h.url}"
     command = " ".join(h.command or ()) or "(no command)"
-    return f"health-check {where}: suite {h.suite} via {h.engine} `{command}`"
+    identity = (
+        f"; discriminator {h.discriminator!r} must differ from the base model's answer"
+        if h.discriminator and where == "the live `active` release"
+        else ""
+    )
+    return f"health-check {where}: suite {h.suite} via {h.engine} `{command}`{identity}"
 
 
 def _prune_list(mf: Mapping[str, Any], new: str, new_previous: str | None, keep: int) -> list[str]:
