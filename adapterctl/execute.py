@@ -462,8 +462,7 @@ class _Run:
         if ep.reload_method == "restart":
             self.restart(step, out, expect)
             return
-        path = loaded_file(ep)
-        before = tr.call("read_json", path=path) if path else None
+        path, before = self.report(step)
         pid = tr.call("signal_pidfile", pidfile=ep.pidfile)
         self.status_update(step, {"last_reload": iso(self.ctx.clock())})
         if before is None or before.get("model", step.model) != step.model:
@@ -475,6 +474,19 @@ class _Run:
         )
         self.say(step, f"pid {now.get('pid', pid)} confirmed it loaded {expect or 'no adapter'}")
 
+    def report(self, step: Step) -> tuple[str | None, dict[str, Any] | None]:
+        """(path, content) of the service's report for this model: loaded.<model>.json when the
+        service writes one (several models, one process), else loaded.json."""
+        ep, tr = self.ep(step)
+        path = loaded_file(ep, step.model)
+        if path is None:
+            return None, None
+        content = tr.call("read_json", path=path)
+        if content is None:
+            path = loaded_file(ep)
+            content = tr.call("read_json", path=path)
+        return path, content
+
     def restart(self, step: Step, out: Outcome, expect: str | None) -> None:
         """reload_method restart: systemctl restart / launchctl kickstart -k on the endpoint, then confirm.
 
@@ -482,8 +494,7 @@ class _Run:
         is one whose pid, seq or loaded_at differs from the one read before the restart.
         """
         ep, tr = self.ep(step)
-        path = loaded_file(ep)
-        before = tr.call("read_json", path=path) if path else None
+        path, before = self.report(step)
         res = tr.call(
             "restart_service", unit=ep.unit, manager=step.arg("manager"), timeout_s=ep.reload_timeout_s
         )
@@ -723,10 +734,10 @@ class _Run:
         """reload_method restart, when the restart never happened (e.g. an unknown unit): is the old
         process still up and serving `version`? Then a rollback needs no restart (and no outage)."""
         ep, tr = self.ep(step)
-        path = loaded_file(ep)
+        path, report = self.report(step)
         if ep.reload_method != "restart" or out.restarted or path is None:
             return False
-        report = tr.call("read_json", path=path) or {}
+        report = report or {}
         state = tr.call("check_pidfile", pidfile=ep.pidfile)
         if not (
             state["alive"]

@@ -79,9 +79,12 @@ def compat_link_paths(ep: EndpointConfig) -> dict[str, str]:
     return {os.path.join(parent, rel): model for rel, model in ep.compat_links.items()}
 
 
-def loaded_file(ep: EndpointConfig) -> str | None:
-    """Where the serving helper reports what it loaded: loaded.json beside the pidfile."""
-    return os.path.join(os.path.dirname(ep.pidfile), "loaded.json") if ep.pidfile else None
+def loaded_file(ep: EndpointConfig, model: str | None = None) -> str | None:
+    """Where the serving helper reports what it loaded, beside the pidfile: loaded.json (the latest
+    report) or, for one model of a process that serves several, loaded.<model>.json."""
+    if not ep.pidfile:
+        return None
+    return os.path.join(os.path.dirname(ep.pidfile), f"loaded.{model}.json" if model else "loaded.json")
 
 
 def gather_facts(ep: EndpointConfig, transport: Transport, models: list[str]) -> dict[str, Any]:

@@ -245,7 +245,10 @@ class AdapterReloader:
             self._current = info
             self._loaded_at = _iso_z(self._clock())
             record = self._record(ok=True, attempted=attempted)
-        write_atomic(self.loaded_file, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        # loaded.json: the latest report; loaded.<model>.json: this model's, for a process serving several
+        write_atomic(self.loaded_file.with_name(f"loaded.{self.model}.json"), data)
+        write_atomic(self.loaded_file, data)  # last: this is the file most readers wait on
         return record
 
     def _record(self, *, ok: bool, attempted: datetime) -> dict:

@@ -177,8 +177,13 @@ def test_serving_reports_startup_version_then_reloads_new_release_on_sigusr1(ada
     assert second["ok"] is True and second["version_id"] == v2
     assert second["sha256"] == _sha(adapter_dir / MODEL / "releases" / v2 / "adapter_model.safetensors")
     assert serving.proc.poll() is None
+    # the log line follows the report by a moment: wait for it (bounded)
+    wait_for(
+        lambda: f'reload-ok version_id="{v2}"' in serving.log.read_text(encoding="utf-8"),
+        "reload-ok log line",
+    )
     log = serving.log.read_text(encoding="utf-8")
-    assert "start" in log and f'reload-ok version_id="{v1}"' in log and f'reload-ok version_id="{v2}"' in log
+    assert "start" in log and f'reload-ok version_id="{v1}"' in log
 
 
 def test_serving_keeps_old_adapter_and_reports_error_when_new_release_is_tampered(adapter_dir, start_serving):
@@ -196,7 +201,7 @@ def test_serving_keeps_old_adapter_and_reports_error_when_new_release_is_tampere
     assert "adapter_config.json" in failed["error"] and "sha256 mismatch" in failed["error"]
     assert (failed["version_id"], failed["sha256"]) == (first["version_id"], first["sha256"])
     assert failed["loaded_at"] == first["loaded_at"]
-    assert "reload-failed" in serving.log.read_text(encoding="utf-8")
+    wait_for(lambda: "reload-failed" in serving.log.read_text(encoding="utf-8"), "the reload-failed log line")
     assert serving.proc.poll() is None
 
 
