@@ -530,7 +530,11 @@ def demo(
         Path | None, typer.Argument(help="Workspace to create (default: a new temp dir).", show_default=False)
     ] = None,
 ) -> None:
-    """Run the whole pipeline on this machine: two adapters, two local endpoints, a serving stand-in."""
+    """Run the whole pipeline on this machine: two local endpoints, real adapters, a live server.
+
+    With the `model` extra installed it uses the real tiny model (built offline, cached); otherwise
+    a stand-in translator and server.
+    """
     from adapterctl.demo import run_demo
 
     code = _run(run_demo, directory, out, err)

@@ -28,7 +28,7 @@ ENV_VAR = "ADAPTERCTL_CONFIG"
 LOCAL_HOST = "local"
 KINDS = ("mlx", "gguf")
 RELOAD_METHODS = ("sigusr1", "restart", "none")
-HEALTH_ENGINES = ("command", "http")  # mlx | llamacpp come later (DESIGN §6)
+HEALTH_ENGINES = ("command", "http", "mlx", "llamacpp")  # DESIGN §6
 HTTP_MODES = ("openai", "json")
 DEFAULT_STORE = "adapters"
 DEFAULT_KEEP_RELEASES = 5
@@ -65,6 +65,17 @@ class HealthSpec:
     # from the base model's, which `base_command` (a command engine without the adapter) gives
     discriminator: str | None = None
     base_command: tuple[str, ...] | None = None
+    # engine: mlx (mlx_lm on the endpoint) / llamacpp (llama-cpp-python on the endpoint)
+    base: str | None = None  # mlx: base model dir
+    adapter: str | None = None  # mlx: MLX-format adapter dir (default {release})
+    gguf: str | None = None  # llamacpp: merged model GGUF (default {release}/model.gguf)
+    lora: str | None = None  # llamacpp: GGUF LoRA, with base_gguf
+    base_gguf: str | None = None
+    n_ctx: int | None = None
+    stop: tuple[str, ...] | None = None
+    max_tokens: int | None = None  # mlx, llamacpp
+    prompt_template: str | None = None  # mlx, llamacpp: "{input}\n" by default
+    python: str | None = None  # mlx, llamacpp: the endpoint's interpreter with the engine installed
 
 
 @dataclass(frozen=True)
@@ -418,10 +429,22 @@ _HEALTH: Schema = {
     "headers": (_str_map, False),
     "discriminator": (_str, False),
     "base_command": (_command, False),
+    "base": (_str, False),
+    "adapter": (_str, False),
+    "gguf": (_str, False),
+    "lora": (_str, False),
+    "base_gguf": (_str, False),
+    "n_ctx": (_int(1), False),
+    "stop": (_str_list, False),
+    "max_tokens": (_int(1), False),
+    "prompt_template": (_str, False),
+    "python": (_str, False),
 }
 _HEALTH_ONLY = {  # keys that belong to one engine: anywhere else they are a mistake
-    "command": ("command", "env"),
+    "command": ("command",),
     "http": ("url", "mode", "model", "request_template", "response_path", "headers"),
+    "mlx": ("base", "adapter"),
+    "llamacpp": ("gguf", "lora", "base_gguf", "n_ctx", "stop"),
 }
 
 
@@ -434,6 +457,10 @@ def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
                 raise r.error(nodes[key], f"{path}.{key}", f"only used when engine is {engine!r}")
     if spec.engine == "command" and spec.suite != "none" and spec.command is None:
         raise r.error(node, f"{path}.command", "required when engine is 'command' and suite is not 'none'")
+    if spec.engine == "mlx" and spec.suite != "none" and spec.base is None:
+        raise r.error(
+            node, f"{path}.base", "required when engine is 'mlx' (the base model dir on the endpoint)"
+        )
     if spec.engine == "http" and spec.suite != "none" and spec.url is None:
         raise r.error(node, f"{path}.url", "required when engine is 'http' and suite is not 'none'")
     if (spec.discriminator is None) != (spec.base_command is None):

@@ -386,8 +386,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _single_blas_thread() -> None:
+    """Before numpy loads: one BLAS thread (the tiny model gains nothing; a busy box loses a lot)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit code (0 clean stop, 1 cannot start, 2 usage)."""
+    _single_blas_thread()
     args = _parser().parse_args(argv)
     server: Server | None = None
 

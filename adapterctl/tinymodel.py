@@ -560,4 +560,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # one BLAS thread: a 256-wide model gains nothing from more, and on a busy 2-core box
+    # oversubscribed threads made a health sentence ~45x slower (past the 5 s latency limit)
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
     sys.exit(main())

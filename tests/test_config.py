@@ -421,8 +421,8 @@ def test_required_key_without_value_is_reported_on_its_line(cfg_dir):
         (
             md("    health:\n      engine: mlx\n"),
             11,
-            "models.gemma_4b.health.engine",
-            "expected one of: command",
+            "models.gemma_4b.health.base",
+            "required when engine is 'mlx'",
         ),
         (md("    health:\n      env: {KEY: 1}\n"), 11, "models.gemma_4b.health.env.KEY", "expected a string"),
         (md("    health: none\n"), 10, "models.gemma_4b.health", "expected a mapping, got a string 'none'"),

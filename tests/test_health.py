@@ -320,10 +320,11 @@ def test_make_engine_builds_a_command_engine_and_describes_it():
     assert engine.timeout_s == 5.0
 
 
-@pytest.mark.parametrize("kind", ["mlx", "llamacpp"])
-def test_model_engines_are_announced_as_not_available_yet(kind):
-    with pytest.raises(ConfigError, match="not available in this version yet.*engine: command"):
-        make_engine({"engine": kind})
+def test_model_engines_are_registered_and_check_their_spec():
+    with pytest.raises(ConfigError, match="needs `base:`"):
+        make_engine({"engine": "mlx"})
+    assert make_engine({"engine": "mlx", "base": "/models/tiny"}).describe().startswith("mlx: /models/tiny")
+    assert make_engine({"engine": "llamacpp"}).describe().startswith("llamacpp: ")
 
 
 def test_unknown_engine_lists_the_valid_ones():

@@ -516,12 +516,14 @@ def make_engine(spec: Mapping) -> HealthEngine:
     """
     spec = {k: v for k, v in spec.items() if v is not None}
     kind = spec.get("engine", "command")
-    if kind in ("mlx", "llamacpp"):
-        raise ConfigError(
-            f"health engine {kind!r} is not available in this version yet",
-            "use `engine: command` with a program that reads one input line and prints one output line, "
-            "or `engine: http` against the live service",
-        )
+    if kind == "mlx":  # imported here: their modules are also run as `python -m` on the endpoint
+        from adapterctl.health.engine_mlx import make as make_mlx
+
+        return make_mlx(spec)
+    if kind == "llamacpp":
+        from adapterctl.health.engine_llamacpp import make as make_llamacpp
+
+        return make_llamacpp(spec)
     if kind == "http":
         return HttpEngine(
             spec.get("url", ""),
