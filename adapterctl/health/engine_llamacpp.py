@@ -31,6 +31,7 @@ This module imports llama_cpp only inside `main()`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -78,7 +79,9 @@ def _path_template(spec: Mapping, key: str, default: str | None = None) -> str |
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"health {key} must be a non-empty path, not {value!r}", f"e.g. {key}: {DEFAULT_GGUF}")
+        raise ConfigError(
+            f"health {key} must be a non-empty path, not {value!r}", f"e.g. {key}: {DEFAULT_GGUF}"
+        )
     _check_template([value], what=f"health {key}")
     return value
 
@@ -150,9 +153,11 @@ class LlamaCppEngine(CommandEngine):
         argv = [python, "-m", MODULE]
         argv += ["--base", base_gguf, "--lora", lora] if lora else ["--gguf", gguf]
         argv += ["--n-ctx", str(n_ctx), "--max-tokens", str(max_tokens)]
-        argv += ["--prompt-template", _escape(prompt_template)]
-        for s in self.stop:
-            argv += ["--stop", _escape(s)]
+        # JSON keeps newlines out of the command line (and out of error messages quoting it)
+        if prompt_template != DEFAULT_PROMPT_TEMPLATE:
+            argv += ["--prompt-template-json", _escape(json.dumps(prompt_template, ensure_ascii=False))]
+        if self.stop != DEFAULT_STOP:
+            argv += ["--stop-json", _escape(json.dumps(list(self.stop), ensure_ascii=False))]
         super().__init__(argv, timeout_s, env)
 
     def describe(self) -> str:
@@ -195,7 +200,8 @@ def make(spec: Mapping) -> LlamaCppEngine:
         raise ConfigError(f"make() builds the llamacpp engine, not {spec['engine']!r}")
     if "lora" in spec and "gguf" in spec:
         raise ConfigError(
-            "health engine 'llamacpp': give either `gguf:` (a merged model) or `lora:` + `base_gguf:`, not both"
+            "health engine 'llamacpp': give either `gguf:` (a merged model) "
+            "or `lora:` + `base_gguf:`, not both"
         )
     kwargs = {k: spec[k] for k in SPEC_KEYS if k in spec and k != "engine"}
     return LlamaCppEngine(**kwargs)
@@ -209,8 +215,12 @@ def amx_hazard(cpuinfo: str, system_info: str) -> bool:
 
     Such builds segfault on quantized GGUFs; a -DGGML_NATIVE=OFF build reports no AMX.
     """
-    cpu_amx = any(flag.startswith("amx") for line in cpuinfo.splitlines() if line.startswith("flags")
-                  for flag in line.split(":", 1)[-1].split())
+    cpu_amx = any(
+        flag.startswith("amx")
+        for line in cpuinfo.splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[-1].split()
+    )
     compiled = system_info.replace(" ", "")
     return cpu_amx and any(f"{key}=1" in compiled for key in ("AMX_INT8", "AMX"))
 
@@ -245,13 +255,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", help="GGUF LoRA adapter applied to --base")
     parser.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--prompt-template", default=DEFAULT_PROMPT_TEMPLATE)
-    parser.add_argument("--stop", action="append", help=f"stop string (repeatable; default {DEFAULT_STOP})")
+    parser.add_argument(
+        "--prompt-template-json",
+        type=json.loads,
+        help='the prompt as a JSON string with {input}; default "{input}\\n"',
+    )
+    parser.add_argument(
+        "--stop-json",
+        type=json.loads,
+        help='stop strings as a JSON list; default ["\\n", "</s>"]',
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: llama.cpp's)")
     args = parser.parse_args(argv)
     if bool(args.gguf) == bool(args.lora) or bool(args.lora) != bool(args.base):
         parser.error("give either --gguf MODEL or --base MODEL --lora ADAPTER")
-    stop = args.stop or list(DEFAULT_STOP)
+    template = DEFAULT_PROMPT_TEMPLATE if args.prompt_template_json is None else args.prompt_template_json
+    stop = list(DEFAULT_STOP) if args.stop_json is None else args.stop_json
+    if not isinstance(template, str) or "{input}" not in template:
+        parser.error("--prompt-template-json must be a JSON string containing {input}")
+    if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+        parser.error("--stop-json must be a JSON list of non-empty strings")
     model_path = args.gguf or args.base
     for what, path in (("model GGUF", model_path), ("LoRA GGUF", args.lora)):
         if path and not os.path.isfile(path):
@@ -286,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         answer = ""
         if line:
             result = llm.create_completion(
-                args.prompt_template.format(input=line),
+                template.format(input=line),
                 max_tokens=args.max_tokens,
                 temperature=0.0,
                 top_k=1,
