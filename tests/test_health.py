@@ -330,3 +330,14 @@ def test_model_engines_are_registered_and_check_their_spec():
 def test_unknown_engine_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="valid engines: command, mlx, llamacpp, http"):
         make_engine({"engine": "vllm", "command": ["x"]})
+
+
+def test_issue_acceptance_cases_for_accents_case_and_words():
+    from adapterctl.health.suite import Expectation, match
+
+    assert match(Expectation(any_of=("Jacobo",)), "el apóstol jacobo")[0]
+    nfd = unicodedata.normalize("NFD", "la expiación de Cristo")
+    assert nfd != unicodedata.normalize("NFC", nfd)
+    assert match(Expectation(any_of=("expiaci",)), nfd)[0]
+    assert not match(Expectation(all_of=("fe",), word=True), "un trabajo perfecto")[0]
+    assert match(Expectation(all_of=("fe",), word=True), "por medio de la fe")[0]
