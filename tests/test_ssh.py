@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -726,3 +727,88 @@ Host l2-via-l1
     assert "success" in proc.stdout
     release_ok(ws, "linux-2", ws.vid(1))
     assert ws.active("linux-2") == ws.vid(1)
+
+
+def test_reference_server_on_an_ssh_host_reports_each_deploy_and_keeps_serving_on_abort(
+    ssh_workspace, tmp_path
+):
+    """`adapterctl serve` behind mac-1 (sigusr1): good → /health reports the new sha; bad → aborted,
+    the old adapter still served."""
+    import urllib.request
+
+    from adapterctl.demo import stop_process
+
+    ws = ssh_workspace
+    run = ws.endpoints["mac-1"].parent / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    text = ws.config.read_text()
+    block = f'    adapter_dir: "{ws.endpoints["mac-1"]}"\n    kind: mlx\n    reload_method: none\n'
+    assert block in text
+    ws.config.write_text(
+        text.replace(
+            block,
+            block.replace(
+                "reload_method: none\n", f'reload_method: sigusr1\n    pidfile: "{run / "serve.pid"}"\n'
+            ),
+        )
+    )
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "adapterctl",
+            "serve",
+            "--backend",
+            "standin",
+            "--model",
+            MODEL,
+            "--adapter-dir",
+            str(ws.endpoints["mac-1"]),
+            "--pidfile",
+            str(run / "serve.pid"),
+            "--port",
+            "0",
+            "--log",
+            str(run / "log"),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        log = run / "log"
+        while not (log.exists() and "http://127.0.0.1:" in log.read_text()):
+            assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
+            time.sleep(0.05)
+        url = re.search(r"http://127\.0\.0\.1:\d+", (run / "log").read_text()).group(0)
+
+        def health() -> dict:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                return json.loads(r.read())
+
+        deploy(ws, 1, "mac-1", models=[MODEL], check=0)
+        adapter = health()["adapter"]
+        assert adapter["version_id"] == ws.vid(1)
+        assert adapter["sha256"] == ws.manifest()["versions"][MODEL][0]["sha256"]
+        ws.new_adapter(MODEL, "run2", seed=2, zero_b=True)  # untrained: answers like the base model
+        proc = deploy(ws, 2, "mac-1", models=[MODEL])
+        assert proc.returncode == 4, combined(proc)
+        assert health()["adapter"]["version_id"] == ws.vid(1)
+        assert ws.active("mac-1") == ws.vid(1)
+        # post-activation failure: a bf16 adapter passes a health command that reads no weights, but
+        # the server's numpy loader cannot load it → rolled back, and the server confirms the old one
+        from test_deploy import GOOD, _rewrite_as_bfloat16
+
+        ws.config.write_text(ws.config.read_text().replace(json.dumps(TRANSLATOR), json.dumps(GOOD)))
+        run3 = ws.new_adapter(MODEL, "run3", seed=3)
+        _rewrite_as_bfloat16(run3 / "adapter_model.safetensors")
+        later = time.time() + 60
+        os.utime(run3 / "adapter_model.safetensors", (later, later))
+        proc = deploy(ws, 3, "mac-1", models=[MODEL])
+        assert proc.returncode == 5, combined(proc)
+        assert ws.active("mac-1") == ws.vid(1)
+        assert health()["adapter"]["version_id"] == ws.vid(1)
+        assert "confirmed it loaded " + ws.vid(1) in combined(proc)
+    finally:
+        stop_process(server)
