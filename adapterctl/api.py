@@ -205,6 +205,7 @@ class RunOptions:
     board: Any = None  # live progress display, see cli.ProgressBoard
     command: str = ""
     allow_outage: bool = False  # consent to reload_method restart (the service is down 10–20 s)
+    health_local: bool = False  # run the pre-activation health check here, on the store copy
 
 
 def _plan_and_run(
@@ -284,6 +285,7 @@ def deploy(
             cycle=cycle,
             canary=canary,
             allow_outage=opts.allow_outage,
+            health_local=opts.health_local,
         ),
         opts,
     )

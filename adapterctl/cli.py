@@ -280,6 +280,14 @@ def deploy(
             help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
         ),
     ] = False,
+    health_local: Annotated[
+        bool,
+        typer.Option(
+            "--health-local",
+            help="Run the pre-activation health check on this machine (same engine, the stored artifact) "
+            "instead of on the endpoint; verify still checks the live endpoint.",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Version, transfer, health-check, activate and verify adapters on endpoints; roll back on failure.
@@ -310,6 +318,7 @@ def deploy(
             board=board,
             command=" ".join(sys.argv),
             allow_outage=allow_outage,
+            health_local=health_local,
         )
         report = _run(
             api.deploy,

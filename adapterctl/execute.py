@@ -606,6 +606,19 @@ class _Run:
         from adapterctl.health import HealthTarget
 
         ep, tr = self.ep(step)
+        local = step.arg("local")
+        if local is not None and where != "active":  # --health-local: this machine, the store copy
+            from adapterctl.transports.local import LocalTransport
+
+            return HealthTarget(
+                endpoint=ep.name,
+                model=step.model,
+                version_id=step.version or "",
+                release_path=local,
+                adapter_dir=str(self.cfg.store),
+                base_model=self.cfg.models[step.model].base_model,
+                transport=LocalTransport(f"{ep.name} (local health)"),
+            )
         return HealthTarget(
             endpoint=ep.name,
             model=step.model,
@@ -623,7 +636,7 @@ class _Run:
         spec = self.cfg.models[step.model].health
         if spec is None or spec.suite == "none":
             return None
-        if spec.engine in LIVE_ENGINES and where != "active":
+        if spec.engine in LIVE_ENGINES and where != "active" and step.arg("local") is None:
             self.say(
                 step, f"health-check {where}: skipped, the {spec.engine} engine only sees the live service"
             )

@@ -177,6 +177,7 @@ def _endpoint_steps(
     targets: list[Target],
     notes: list[str],
     allow_outage: bool = False,
+    health_local: bool = False,
 ) -> list[Step]:
     steps: list[Step] = []
     links = compat_link_paths(ep)
@@ -248,9 +249,11 @@ def _endpoint_steps(
             Step(
                 "health-check",
                 "health",
-                _health_summary(model_cfg, f"releases/{t.version_id}"),
+                _health_summary(model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)")
+                if health_local
+                else _health_summary(model_cfg, f"releases/{t.version_id}"),
                 **base,
-                args=(("live", False),),
+                args=(("local", str(t.store_dir)),) if health_local else (),
             )
         )
         if ep.reload_method == "sigusr1":
@@ -377,6 +380,7 @@ def plan_deploy(
     cycle: int | None = None,
     canary: str | None = None,
     allow_outage: bool = False,
+    health_local: bool = False,
 ) -> Plan:
     """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
     steps: list[Step] = []
@@ -410,7 +414,7 @@ def plan_deploy(
         if facts.get("problem"):
             blocked.append((name, None, f"{facts['problem']} — move it aside or choose another adapter_dir"))
             continue
-        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage))
+        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage, health_local))
     return Plan(
         "deploy",
         deployment_id,
