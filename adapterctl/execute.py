@@ -127,6 +127,7 @@ class _Run:
         self.lock_failed: dict[str, tuple[str, str]] = {}  # endpoint -> (outcome status, why)
         self.failed_models: dict[str, str] = {}
         self.registered: dict[str, threading.Event] = {}  # model -> set once its version step ended
+        self.manifest = None  # read on first use, after the version steps have registered
 
     # -- bookkeeping ------------------------------------------------------------------------
     def outcome(self, step: Step) -> Outcome:
@@ -559,7 +560,25 @@ class _Run:
                 f"endpoint {ep.name}: the service reports {now.get('version_id') or 'no adapter'} "
                 f"loaded, expected {expect or 'no adapter'}: {now.get('error') or 'wrong version'}"
             )
+        known = self.weights_sha(step.model, expect)
+        if expect and known and now.get("sha256") and now["sha256"] != known:
+            raise PhaseError(
+                f"endpoint {ep.name}: the service reports {expect} loaded, but with sha256 "
+                f"{now['sha256'][:12]}… where the manifest has {known[:12]}…: it did not load these bytes"
+            )
         return now
+
+    def weights_sha(self, model: str, version: str | None) -> str | None:
+        """The manifest's sha256 of a version's weights (identity check of a reload), None if unknown."""
+        from adapterctl.manifest import Manifest
+
+        if version is None:
+            return None
+        entry = self.manifest.version(model, version) if self.manifest else None
+        if entry is None:  # registered during this run (version steps run alongside): read again
+            self.manifest = Manifest.load(self.cfg.store)
+            entry = self.manifest.version(model, version)
+        return entry["sha256"] if entry else None
 
     def do_verify(self, step: Step, out: Outcome) -> None:
         if step.arg("base"):
