@@ -98,18 +98,15 @@ def make_adapter(
 # -- bfloat16 ----------------------------------------------------------------------------------
 
 
-def save_as_bfloat16(src: Path, dst: Path) -> Path:
-    """Copy the PEFT adapter `src` to `dst` with its weights rounded to bfloat16 (nearest even).
-
-    numpy has no bfloat16, so the safetensors file is written by hand: a u64 header length,
-    the JSON header (dtype BF16), then the raw little-endian 16-bit values.
-    """
+def write_bfloat16(src_weights: Path, dst_weights: Path) -> None:
+    """Write the safetensors file `src_weights` to `dst_weights` with every tensor rounded to
+    bfloat16 (nearest even). numpy has no bfloat16, so the file is written by hand: a u64 header
+    length, the JSON header (dtype BF16), then the raw little-endian 16-bit values."""
     import numpy as np
     from safetensors.numpy import load_file
 
-    shutil.copytree(src, dst)
     header, blobs, offset = {}, [], 0
-    for name, arr in sorted(load_file(str(src / WEIGHTS)).items()):
+    for name, arr in sorted(load_file(str(src_weights)).items()):
         bits = np.ascontiguousarray(arr, np.float32).view(np.uint32).astype(np.uint64)
         raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
         header[name] = {
@@ -121,7 +118,13 @@ def save_as_bfloat16(src: Path, dst: Path) -> Path:
         offset += len(raw)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    (dst / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    dst_weights.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def save_as_bfloat16(src: Path, dst: Path) -> Path:
+    """Copy the PEFT adapter `src` to `dst` with its weights rounded to bfloat16."""
+    shutil.copytree(src, dst)
+    write_bfloat16(src / WEIGHTS, dst / WEIGHTS)
     return dst
 
 

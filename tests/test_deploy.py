@@ -17,6 +17,7 @@ import pytest
 from conftest import MODEL, Workspace, tree_digest, write_config
 
 import adapterctl
+from adapterctl.demo import write_bfloat16
 
 BOTH = ("--endpoints", "mac-dev", "rtx-1")
 DATA = Path(__file__).parent / "data"
@@ -343,25 +344,8 @@ def test_deploy_rolls_back_by_itself_when_the_live_check_fails(workspace):
 
 
 def _rewrite_as_bfloat16(weights: Path) -> None:
-    """Re-save a float32 safetensors file as bfloat16 (upper 16 bits), with a valid header."""
-    import struct
-
-    import numpy as np
-    from safetensors.numpy import load_file
-
-    header, blobs, offset = {}, [], 0
-    for name, arr in load_file(str(weights)).items():
-        raw = (np.ascontiguousarray(arr, np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    weights.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    """Re-save a float32 safetensors file as bfloat16, with a valid header."""
+    write_bfloat16(weights, weights)
 
 
 def test_deploy_rolls_back_by_itself_when_the_server_fails_to_load_the_new_release(workspace):

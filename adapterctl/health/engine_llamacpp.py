@@ -37,8 +37,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from adapterctl.errors import ConfigError, PhaseError
-from adapterctl.health.engines import CommandEngine, HealthTarget, _check_template, _show
+from adapterctl.errors import ConfigError
+from adapterctl.health.engines import ModelProcessEngine, _check_template
 
 MODULE = "adapterctl.health.engine_llamacpp"
 DEFAULT_GGUF = "{release}/model.gguf"
@@ -91,10 +91,19 @@ def _escape(text: str) -> str:
     return text.replace("{", "{{").replace("}", "}}")
 
 
-class LlamaCppEngine(CommandEngine):
+_HINT = (
+    "check the GGUF path and that the endpoint's python has adapterctl and llama-cpp-python "
+    f"(built with CMAKE_ARGS=-DGGML_NATIVE=OFF) installed; run `python3 -m {MODULE} --gguf PATH` "
+    "there and type a line"
+)
+
+
+class LlamaCppEngine(ModelProcessEngine):
     """Runs `python3 -m adapterctl.health.engine_llamacpp` on the endpoint; one line in, one line out."""
 
     name = "llamacpp"
+    kind = "llamacpp"
+    hint = _HINT
 
     def __init__(
         self,
@@ -164,30 +173,6 @@ class LlamaCppEngine(CommandEngine):
         if self.lora:
             return f"llamacpp: {self.base_gguf} + lora {self.lora}"
         return f"llamacpp: {self.gguf}"
-
-    def start(self, target: HealthTarget) -> None:
-        """Spawn the program and wait (up to timeout_s) until the model is loaded.
-
-        Raises PhaseError naming the command and its stderr (e.g. the missing GGUF path).
-        """
-        super().start(target)
-        try:
-            ready = super().generate("")  # the readiness probe: answered once the model is loaded
-        except PhaseError as exc:
-            raise PhaseError(f"{exc.message} (while loading the model)", _HINT) from exc
-        if ready != "":
-            raise PhaseError(
-                f"{self._where()}: {_show(self._argv)} answered the readiness probe with {ready!r}, "
-                "not an empty line; is it adapterctl's llamacpp engine?",
-                _HINT,
-            )
-
-
-_HINT = (
-    "check the GGUF path and that the endpoint's python has adapterctl and llama-cpp-python "
-    f"(built with CMAKE_ARGS=-DGGML_NATIVE=OFF) installed; run `python3 -m {MODULE} --gguf PATH` "
-    "there and type a line"
-)
 
 
 def make(spec: Mapping) -> LlamaCppEngine:

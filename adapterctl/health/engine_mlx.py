@@ -37,8 +37,8 @@ import sys
 import unicodedata
 from collections.abc import Mapping
 
-from adapterctl.errors import ConfigError, PhaseError
-from adapterctl.health.engines import CommandEngine, HealthTarget, _check_template, _show
+from adapterctl.errors import ConfigError
+from adapterctl.health.engines import ModelProcessEngine, _check_template
 
 MODULE = "adapterctl.health.engine_mlx"
 DEFAULT_ADAPTER = "{release}"
@@ -62,10 +62,19 @@ def _path(value: object, key: str, example: str) -> str:
     return value
 
 
-class MlxEngine(CommandEngine):
+_HINT = (
+    "check the base and adapter paths (the adapter must be in mlx_lm's format: adapters.safetensors + "
+    "adapter_config.json) and that the endpoint's python has adapterctl and mlx-lm installed; run "
+    f"`python3 -m {MODULE} --base BASE --adapter ADAPTER` there and type a line"
+)
+
+
+class MlxEngine(ModelProcessEngine):
     """Runs `python3 -m adapterctl.health.engine_mlx` on the endpoint; one line in, one line out."""
 
     name = "mlx"
+    kind = "mlx"
+    hint = _HINT
 
     def __init__(
         self,
@@ -107,30 +116,6 @@ class MlxEngine(CommandEngine):
 
     def describe(self) -> str:
         return f"mlx: {self.base} + {self.adapter if self.adapter is not None else 'no adapter'}"
-
-    def start(self, target: HealthTarget) -> None:
-        """Spawn the program and wait (up to timeout_s) until the model and adapter are loaded.
-
-        Raises PhaseError naming the command and its stderr (e.g. mlx_lm's load error).
-        """
-        super().start(target)
-        try:
-            ready = super().generate("")  # the readiness probe: answered once the model is loaded
-        except PhaseError as exc:
-            raise PhaseError(f"{exc.message} (while loading the model)", _HINT) from exc
-        if ready != "":
-            raise PhaseError(
-                f"{self._where()}: {_show(self._argv)} answered the readiness probe with {ready!r}, "
-                "not an empty line; is it adapterctl's mlx engine?",
-                _HINT,
-            )
-
-
-_HINT = (
-    "check the base and adapter paths (the adapter must be in mlx_lm's format: adapters.safetensors + "
-    "adapter_config.json) and that the endpoint's python has adapterctl and mlx-lm installed; run "
-    f"`python3 -m {MODULE} --base BASE --adapter ADAPTER` there and type a line"
-)
 
 
 def make(spec: Mapping) -> MlxEngine:

@@ -506,6 +506,32 @@ class HttpEngine(HealthEngine):
         return status, body
 
 
+class ModelProcessEngine(CommandEngine):
+    """A CommandEngine whose program loads a model first: `start()` waits for it to answer an
+    empty readiness line, so loading never counts against the first sentence's latency limit.
+
+    Subclasses set `kind` (for messages) and `hint` (what to check when loading fails).
+    """
+
+    kind = "model"
+    hint: str | None = None
+
+    def start(self, target: HealthTarget) -> None:
+        """Start the program and wait until the model is loaded. Raises PhaseError naming the
+        command and its stderr (e.g. a missing model file)."""
+        super().start(target)
+        try:
+            ready = super().generate("")  # the readiness probe: answered once the model is loaded
+        except PhaseError as exc:
+            raise PhaseError(f"{exc.message} (while loading the model)", self.hint) from exc
+        if ready != "":
+            raise PhaseError(
+                f"{self._where()}: {_show(self._argv)} answered the readiness probe with {ready!r}, "
+                f"not an empty line; is it adapterctl's {self.kind} engine?",
+                self.hint,
+            )
+
+
 def make_engine(spec: Mapping) -> HealthEngine:
     """Build the engine a config's health section describes.
 
