@@ -4,14 +4,11 @@ server on 127.0.0.1 sees zero failed requests."""
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 
 from conftest import MODEL, write_config
+from test_serve import start_server
 
 from adapterctl.demo import stop_process
 
@@ -22,52 +19,21 @@ MAX_SECONDS = 60
 def test_zero_failed_requests_across_deploys_and_rollbacks(workspace):
     ws = workspace
     write_config(ws.root, mac_reload="sigusr1", extra_model=True)
-    run = ws.endpoints["mac-dev"].parent / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    log = run / "serve.log"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "adapterctl",
-            "serve",
-            "--backend",
-            "standin",
-            "--model",
-            MODEL,
-            "--adapter-dir",
-            str(ws.endpoints["mac-dev"]),
-            "--pidfile",
-            str(run / "serve.pid"),
-            "--port",
-            "0",
-            "--log",
-            str(log),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run = ws.endpoints["mac-dev"].parent / "run"  # the config's pidfile is ../run/serve.pid
+    ws.endpoints["mac-dev"].mkdir(parents=True, exist_ok=True)
+    served = start_server(ws.endpoints["mac-dev"], run)
     stats = {"requests": 0, "failed": 0, "longest_ms": 0.0, "errors": []}
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 15
-        while not (log.exists() and "http://127.0.0.1:" in log.read_text()):
-            assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
-            time.sleep(0.05)
-        url = re.search(r"http://127\.0\.0\.1:\d+", log.read_text()).group(0) + "/v1/chat/completions"
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Amen."}]}).encode()
 
         def load() -> None:
             end = time.monotonic() + MAX_SECONDS
             while not stop.is_set() and stats["requests"] < MAX_REQUESTS and time.monotonic() < end:
                 started = time.perf_counter()
                 try:
-                    req = urllib.request.Request(url, body, {"Content-Type": "application/json"})
-                    with urllib.request.urlopen(req, timeout=10) as resp:
-                        answer = json.loads(resp.read())["choices"][0]["message"]["content"]
-                    if not answer:
-                        raise ValueError("empty answer")
+                    status, body = served.chat("Amen.", timeout=10)
+                    if status != 200 or not body["choices"][0]["message"]["content"]:
+                        raise ValueError(f"HTTP {status}: {body}")
                 except Exception as exc:  # any failure counts
                     stats["failed"] += 1
                     stats["errors"].append(repr(exc))
@@ -89,9 +55,9 @@ def test_zero_failed_requests_across_deploys_and_rollbacks(workspace):
         )
         assert stats["requests"] > 50
         assert stats["failed"] == 0, stats["errors"][:5]
-        report = json.loads((run / "loaded.json").read_text())
+        report = json.loads(served.loaded.read_text())
         assert report["seq"] >= 5  # its start plus four confirmed reloads, all while the loop ran
         assert report["version_id"] == ws.active("mac-dev")
     finally:
         stop.set()
-        stop_process(server)
+        stop_process(served.proc)

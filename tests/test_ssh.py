@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -734,7 +733,7 @@ def test_reference_server_on_an_ssh_host_reports_each_deploy_and_keeps_serving_o
 ):
     """`adapterctl serve` behind mac-1 (sigusr1): good → /health reports the new sha; bad → aborted,
     the old adapter still served."""
-    import urllib.request
+    from test_serve import start_server
 
     from adapterctl.demo import stop_process
 
@@ -752,41 +751,10 @@ def test_reference_server_on_an_ssh_host_reports_each_deploy_and_keeps_serving_o
             ),
         )
     )
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "adapterctl",
-            "serve",
-            "--backend",
-            "standin",
-            "--model",
-            MODEL,
-            "--adapter-dir",
-            str(ws.endpoints["mac-1"]),
-            "--pidfile",
-            str(run / "serve.pid"),
-            "--port",
-            "0",
-            "--log",
-            str(run / "log"),
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    ws.endpoints["mac-1"].mkdir(parents=True, exist_ok=True)
+    served = start_server(ws.endpoints["mac-1"], run)  # pidfile run/serve.pid, as configured above
+    health = served.health
     try:
-        deadline = time.monotonic() + 15
-        log = run / "log"
-        while not (log.exists() and "http://127.0.0.1:" in log.read_text()):
-            assert time.monotonic() < deadline and server.poll() is None, "serve did not start"
-            time.sleep(0.05)
-        url = re.search(r"http://127\.0\.0\.1:\d+", (run / "log").read_text()).group(0)
-
-        def health() -> dict:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                return json.loads(r.read())
-
         deploy(ws, 1, "mac-1", models=[MODEL], check=0)
         adapter = health()["adapter"]
         assert adapter["version_id"] == ws.vid(1)
@@ -811,4 +779,4 @@ def test_reference_server_on_an_ssh_host_reports_each_deploy_and_keeps_serving_o
         assert health()["adapter"]["version_id"] == ws.vid(1)
         assert "confirmed it loaded " + ws.vid(1) in combined(proc)
     finally:
-        stop_process(server)
+        stop_process(served.proc)
