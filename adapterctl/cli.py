@@ -55,6 +55,18 @@ ModelsOpt = Annotated[
     typer.Option("--models", "-m", help="Model names: repeat the flag or list them.", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")]
+BreakLockOpt = Annotated[
+    bool, typer.Option("--break-lock", help="Break an endpoint lock older than lock_stale_after_s.")
+]
+ParallelOpt = Annotated[int, typer.Option(help="Endpoints worked on at once.")]
+AllowOutageOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outage",
+        help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
+    ),
+]
 
 
 @app.callback()
@@ -262,24 +274,16 @@ def deploy(
     version: Annotated[
         str | None, typer.Option(help="Deploy this registered version id instead of --cycle.")
     ] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
-    break_lock: Annotated[
-        bool, typer.Option("--break-lock", help="Break an endpoint lock older than lock_stale_after_s.")
-    ] = False,
-    parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
+    dry_run: DryRunOpt = False,
+    break_lock: BreakLockOpt = False,
+    parallel: ParallelOpt = 4,
     canary: Annotated[
         str | None,
         typer.Option(
             help="Deploy to this endpoint first, through verify; touch the others only if it succeeds."
         ),
     ] = None,
-    allow_outage: Annotated[
-        bool,
-        typer.Option(
-            "--allow-outage",
-            help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
-        ),
-    ] = False,
+    allow_outage: AllowOutageOpt = False,
     health_local: Annotated[
         bool,
         typer.Option(
@@ -344,16 +348,10 @@ def rollback(
     to: Annotated[
         str, typer.Option("--to", help="previous | last-good | base (no adapter) | VERSION_ID")
     ] = "previous",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and change nothing.")] = False,
-    break_lock: Annotated[bool, typer.Option("--break-lock", help="Break a stale endpoint lock.")] = False,
-    parallel: Annotated[int, typer.Option(help="Endpoints worked on at once.")] = 4,
-    allow_outage: Annotated[
-        bool,
-        typer.Option(
-            "--allow-outage",
-            help="Consent to reload_method restart: the service is down 10–20 s while it restarts.",
-        ),
-    ] = False,
+    dry_run: DryRunOpt = False,
+    break_lock: BreakLockOpt = False,
+    parallel: ParallelOpt = 4,
+    allow_outage: AllowOutageOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Point `active` back at an earlier release and reload the service (run it twice to undo it).
