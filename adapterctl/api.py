@@ -12,7 +12,7 @@ from typing import Any
 
 from adapterctl.config import Config
 from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
-from adapterctl.execute import Identity, Report, RunContext, execute, iso, utc_now, worst
+from adapterctl.execute import STATUS_EXIT, Identity, Report, RunContext, execute, iso, utc_now, worst
 from adapterctl.manifest import Manifest, locked
 from adapterctl.names import check_cycle, check_version_id
 from adapterctl.plan import Plan, Target, consent_missing, gather_facts, plan_deploy, plan_rollback
@@ -149,15 +149,26 @@ def resolve_targets(
     return [_target_from_source(cfg, manifest, m, cycle, clock) for m in models]
 
 
-def _check_health_config(cfg: Config, models: Iterable[str]) -> None:
+def _check_health_config(cfg: Config, models: Iterable[str], endpoints: Iterable[str] = ()) -> None:
     """Load every suite and engine a run will need, so a bad one stops it before anything is written."""
+    from adapterctl.convert import spec_for
     from adapterctl.health import make_engine, resolve_suite
+    from adapterctl.health.engines import spec_for_endpoint
 
+    eps = [cfg.endpoints[e] for e in endpoints]
     for m in models:
         spec = cfg.models[m].health
         if spec is not None and spec.suite != "none":
             resolve_suite(spec.suite, cfg.path.parent)
-            make_engine(asdict(spec))
+            for ep in [e for e in eps if e.serves(m)] or [None]:
+                if ep is None:
+                    if spec.engine != "auto":
+                        make_engine(asdict(spec))
+                    continue
+                base_gguf = ep.base_gguf.path if ep.base_gguf else None
+                make_engine(
+                    spec_for_endpoint(asdict(spec), ep.kind, spec_for(cfg.models[m], ep).format, base_gguf)
+                )
 
 
 @dataclass
@@ -272,7 +283,7 @@ def deploy(
             f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(t.model for t in targets)}",
             "check `models:` of those endpoints",
         )
-    _check_health_config(cfg, [t.model for t in targets])
+    _check_health_config(cfg, [t.model for t in targets], eps)
     return _plan_and_run(
         cfg,
         eps,
@@ -286,9 +297,54 @@ def deploy(
             canary=canary,
             allow_outage=opts.allow_outage,
             health_local=opts.health_local,
+            persist=not opts.dry_run,
         ),
         opts,
     )
+
+
+def convert_versions(
+    cfg: Config,
+    *,
+    models: list[str],
+    endpoints: list[str],
+    version: str | None = None,
+    opts: RunOptions | None = None,
+) -> Report:
+    """`adapterctl convert`: the convert phase alone for registered versions (default: each model's
+    newest) and the selected endpoints' kinds. Needs no endpoint connection; records artifacts in
+    the manifest, writes no deploy log line."""
+    from adapterctl.execute import _Run
+    from adapterctl.plan import plan_convert
+
+    opts = opts or RunOptions()
+    eps = select_endpoints(cfg, endpoints)
+    names = [cfg.model(m).name for m in models]
+    if version is not None:
+        targets = resolve_targets(cfg, names, None, version, opts.clock)
+    else:
+        manifest = Manifest.load(cfg.store)
+        targets = []
+        for m in names:
+            entry = manifest.newest(m)
+            if entry is None:
+                raise UsageError(
+                    f"model {m} has no registered version to convert",
+                    f"register one first: adapterctl register --model {m} --cycle N (or deploy --cycle N)",
+                )
+            targets.append(_target_from_entry(cfg, m, entry))
+    plan = plan_convert(cfg, new_deployment_id(opts.clock), targets, eps, persist=not opts.dry_run)
+    if not plan.steps:
+        raise UsageError(f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(names)}")
+    if opts.dry_run:
+        return Report(plan, [], 0, dry_run=True)
+    opts.on_plan(plan)
+    ctx = RunContext(cfg, {}, opts.identity or Identity.current(), opts.clock, opts.progress)
+    run = _Run(plan, ctx)
+    for step in plan.steps:
+        run.run_endpoint([step])
+    outcomes = list(run.outcomes.values())
+    return Report(plan, outcomes, worst([STATUS_EXIT[o.status] for o in outcomes]))
 
 
 def rollback(

@@ -139,14 +139,17 @@ def render_plan(plan, console: Console, dry_run: bool) -> None:
 
 
 def _report_json(report) -> dict[str, Any]:
-    from dataclasses import asdict
+    from dataclasses import asdict, is_dataclass
 
     return {
         "kind": report.plan.kind,
         "deployment_id": report.plan.deployment_id,
         "dry_run": report.dry_run,
         "exit_code": report.exit_code,
-        "steps": [asdict(s) | {"args": dict(s.args)} for s in report.plan.steps],
+        "steps": [
+            asdict(s) | {"args": {k: asdict(v) if is_dataclass(v) else v for k, v in s.args}}
+            for s in report.plan.steps
+        ],
         "notes": list(report.plan.notes),
         "blocked": [{"endpoint": e, "model": m, "reason": w} for e, m, w in report.plan.blocked],
         "bytes_to_send": report.plan.bytes_to_send(),
@@ -187,7 +190,9 @@ def _print_report(report, as_json: bool) -> None:
             o.status,
             " ".join(o.phases_completed),
             human_bytes(o.bytes_sent),
-            _short(o.error),
+            _short(o.error)
+            if o.error
+            else (f"convert: {o.convert}" if o.convert not in (None, "peft") else ""),
         )
     for ep, _m, why in report.plan.blocked:
         table.add_row(ep, "-", "-", "failed", "", "", why)
@@ -337,6 +342,40 @@ def deploy(
     finally:
         if board is not None:
             board.stop()
+    _print_report(report, as_json)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def convert(
+    models: ModelsOpt = None,
+    all_adapters: Annotated[bool, typer.Option("--all-adapters", help="Every model in the config.")] = False,
+    endpoints: EndpointsOpt = None,
+    version: Annotated[
+        str | None, typer.Option(help="Convert this registered version (default: each model's newest).")
+    ] = None,
+    dry_run: DryRunOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the convert phase alone: build (or verify in the cache) what each endpoint kind loads.
+
+    mlx endpoints get an mlx_lm adapter (or a fused model); gguf endpoints a merged GGUF quantized
+    to Q4_K_M (or the configured type) or a GGUF LoRA; `convert: peft` ships the PEFT files as they
+    are. Every conversion is checked against the PEFT original on the model's health suite and
+    cached under the store's .cache/convert/ by content key; a deploy reuses it. Touches no endpoint.
+    """
+    from adapterctl import api
+
+    cfg = _run(_config)
+    chosen = list(cfg.models) if all_adapters else _split(models)
+    if not chosen:
+        chosen = list(cfg.models)
+    opts = api.RunOptions(
+        dry_run=dry_run, progress=_progress, on_plan=lambda plan: render_plan(plan, err, False)
+    )
+    report = _run(
+        api.convert_versions, cfg, models=chosen, endpoints=_split(endpoints), version=version, opts=opts
+    )
     _print_report(report, as_json)
     raise typer.Exit(report.exit_code)
 

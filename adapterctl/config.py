@@ -28,7 +28,7 @@ ENV_VAR = "ADAPTERCTL_CONFIG"
 LOCAL_HOST = "local"
 KINDS = ("mlx", "gguf")
 RELOAD_METHODS = ("sigusr1", "restart", "none")
-HEALTH_ENGINES = ("command", "http", "mlx", "llamacpp")  # DESIGN §6
+HEALTH_ENGINES = ("command", "http", "mlx", "llamacpp", "auto")  # DESIGN §6; auto: mlx or llamacpp by kind
 HTTP_MODES = ("openai", "json")
 DEFAULT_STORE = "adapters"
 DEFAULT_KEEP_RELEASES = 5
@@ -79,11 +79,30 @@ class HealthSpec:
 
 
 @dataclass(frozen=True)
+class ConvertSetting:
+    """A `convert:` entry (DESIGN §5, phase 2); unset fields fall back to the next level."""
+
+    format: str | None = None  # mlx: adapter | fused | peft; gguf: merged | lora | peft
+    quant: str | None = None  # gguf merged: a llama.cpp file type (default Q4_K_M)
+    fidelity: bool | None = None  # compare with the PEFT original on the health suite (default true)
+
+
+@dataclass(frozen=True)
+class BaseGguf:
+    """The base GGUF a `gguf` endpoint keeps (for GGUF LoRA releases): path there and its sha256."""
+
+    path: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str
     source: Path  # absolute, on the training box
     base_model: str | None
     health: HealthSpec | None  # None when the config has no `health` key
+    base_dir: Path | None = None  # the base model (Hugging Face layout) on the training box
+    convert: dict[str, ConvertSetting] = field(default_factory=dict, hash=False)  # kind -> setting
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,8 @@ class EndpointConfig:
     compat_links: dict[str, str] = field(
         default_factory=dict, hash=False
     )  # path under adapter_dir's parent -> model
+    convert: ConvertSetting | None = None  # overrides the models' setting for this endpoint's kind
+    base_gguf: BaseGguf | None = None
 
     @property
     def is_local(self) -> bool:
@@ -453,7 +474,11 @@ def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
     spec = HealthSpec(**values)
     for engine, keys in _HEALTH_ONLY.items():
         for key in keys:
-            if key in nodes and spec.engine != engine:
+            if (
+                key in nodes
+                and spec.engine != engine
+                and not (spec.engine == "auto" and engine in ("mlx", "llamacpp"))
+            ):
                 raise r.error(nodes[key], f"{path}.{key}", f"only used when engine is {engine!r}")
     if spec.engine == "command" and spec.suite != "none" and spec.command is None:
         raise r.error(node, f"{path}.command", "required when engine is 'command' and suite is not 'none'")
@@ -479,12 +504,84 @@ def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
     return spec
 
 
-_MODEL: Schema = {"source": (_str, True), "base_model": (_str, False), "health": (_health, False)}
+def _quant(r: _Reader, node: Node, path: str) -> str:
+    from adapterctl.convert import check_quant
+
+    try:
+        return check_quant(_str(r, node, path))
+    except UsageError as e:
+        raise r.error(node, path, e.message, e.hint) from None
+
+
+_CONVERT: Schema = {"format": (_str, False), "quant": (_quant, False), "fidelity": (_bool, False)}
+
+
+def _convert_setting(r: _Reader, node: Node, path: str, kinds: tuple[str, ...]) -> ConvertSetting:
+    """`format` or {format, quant, fidelity}; the format must suit every kind in `kinds`."""
+    from adapterctl.convert import FORMATS
+
+    if isinstance(node, ScalarNode):
+        values, nodes = {"format": _str(r, node, path)}, {"format": node}
+    else:
+        values, nodes = r.fields(node, path, _CONVERT)
+    fmt = values.get("format")
+    for kind in kinds:
+        if fmt is not None and fmt not in FORMATS[kind]:
+            where = f"{path}.format" if nodes["format"] is not node else path
+            raise r.error(
+                nodes["format"],
+                where,
+                f"format {fmt!r} is not one for kind {kind}; expected one of: {', '.join(FORMATS[kind])}"
+                + _suggest(fmt, FORMATS[kind]),
+            )
+    if "quant" in values and fmt not in (None, "merged"):
+        raise r.error(nodes["quant"], f"{path}.quant", "only used with format: merged")
+    return ConvertSetting(**values)
+
+
+def _model_convert(r: _Reader, node: Node, path: str) -> dict[str, ConvertSetting]:
+    if isinstance(node, ScalarNode):  # one format for every kind (only `peft` fits both)
+        setting = _convert_setting(r, node, path, KINDS)
+        return dict.fromkeys(KINDS, setting)
+    out = {}
+    for kind, (key_node, value_node) in r.pairs(node, path).items():
+        if kind not in KINDS:
+            raise r.error(
+                key_node, _join(path, kind), f"unknown endpoint kind {kind!r}", _known("kinds", KINDS)
+            )
+        out[kind] = _convert_setting(r, value_node, _join(path, kind), (kind,))
+    return out
+
+
+_MODEL: Schema = {
+    "source": (_str, True),
+    "base_model": (_str, False),
+    "base_dir": (_str, False),
+    "convert": (_model_convert, False),
+    "health": (_health, False),
+}
 
 
 def _model(r: _Reader, name: str, node: Node, path: str, at: Node) -> ModelConfig:
     values, _ = r.fields(node, path, _MODEL, at)
-    return ModelConfig(name, r.local_path(values["source"]), values.get("base_model"), values.get("health"))
+    return ModelConfig(
+        name,
+        r.local_path(values["source"]),
+        values.get("base_model"),
+        values.get("health"),
+        r.local_path(values["base_dir"]) if "base_dir" in values else None,
+        values.get("convert", {}),
+    )
+
+
+def _sha256_hex(r: _Reader, node: Node, path: str) -> str:
+    value = _str(r, node, path).lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise r.error(node, path, "must be a sha256 (64 hex digits)", "compute it there: sha256sum FILE")
+    return value
+
+
+_BASE_GGUF: Schema = {"path": (_str, True), "sha256": (_sha256_hex, True)}
 
 
 _ENDPOINT: Schema = {
@@ -500,6 +597,8 @@ _ENDPOINT: Schema = {
     "allow_outage": (_bool, False),
     "models": (_model_list, False),
     "compat_links": (_compat_links, False),
+    "convert": (lambda r, node, path: node, False),  # checked against `kind` in _endpoint
+    "base_gguf": (lambda r, node, path: node, False),
 }
 
 
@@ -515,6 +614,20 @@ def _endpoint(r: _Reader, name: str, node: Node, path: str, at: Node) -> Endpoin
     if "pidfile" in v:  # a relative pidfile lives under the adapter_dir
         v["pidfile"] = _endpoint_path(
             r, nodes["pidfile"], f"{path}.pidfile", v["pidfile"], local, v["adapter_dir"]
+        )
+    if "convert" in v:
+        v["convert"] = _convert_setting(r, v["convert"], f"{path}.convert", (v["kind"],))
+    if "base_gguf" in v:
+        bg, bg_nodes = r.fields(v["base_gguf"], f"{path}.base_gguf", _BASE_GGUF, v["base_gguf"])
+        if v["kind"] != "gguf":
+            raise r.error(nodes["base_gguf"], f"{path}.base_gguf", "only used when kind is gguf")
+        bg["path"] = _endpoint_path(r, bg_nodes["path"], f"{path}.base_gguf.path", bg["path"], local, None)
+        v["base_gguf"] = BaseGguf(**bg)
+    if v.get("convert") and v["convert"].format == "lora" and "base_gguf" not in v:
+        raise r.error(
+            nodes["convert"],
+            f"{path}.base_gguf",
+            "required with format: lora (the base GGUF on the endpoint: {path, sha256})",
         )
     for link, target in v.get("compat_links", {}).items():
         if "models" in v and target not in v["models"]:  # the link would dangle: no `active` for it here

@@ -246,6 +246,7 @@ models:
   {model}:
     source: ./training/{model}       # the newest run directory under here is deployed
     base_model: local/tiny-llama
+    convert: peft                    # the demo's servers load PEFT files as they are
     health:
       suite: translation_en_es
       engine: command

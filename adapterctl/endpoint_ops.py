@@ -233,9 +233,91 @@ def _free_bytes(path):
     return st.f_bavail * st.f_frsize, os.access(p, os.W_OK) and os.path.isdir(p)
 
 
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+
+
+def gguf_header(path):
+    """The metadata of a GGUF file's header (arrays only by length), without reading tensors.
+
+    Returns {"version", "tensors", "metadata": {key: value}}; raises ValueError for a non-GGUF file.
+    """
+    import struct
+
+    def read(f, fmt):
+        size = struct.calcsize(fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated GGUF header")
+        return struct.unpack(fmt, data)[0]
+
+    def string(f):
+        n = read(f, "<Q")
+        if n > 1 << 24:
+            raise ValueError("implausible string length %d in GGUF header" % n)
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def value(f, vtype):
+        if vtype in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[vtype])
+        if vtype == 8:
+            return string(f)
+        if vtype == 9:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            if etype in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
+            else:
+                for _ in range(count):
+                    value(f, etype)
+            return {"array_of": etype, "length": count}
+        raise ValueError("unknown GGUF value type %d" % vtype)
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError("not a GGUF file (bad magic)")
+        version = read(f, "<I")
+        tensors, kvs = read(f, "<Q"), read(f, "<Q")
+        meta = {}
+        for _ in range(kvs):
+            key = string(f)
+            meta[key] = value(f, read(f, "<I"))
+    return {"version": version, "tensors": tensors, "metadata": meta}
+
+
+def gguf_facts(path):
+    """sha256, size and the model-shape keys of a base GGUF on the endpoint (for GGUF LoRA checks)."""
+    if not os.path.isfile(path):
+        return {"exists": False, "path": path}
+    out = {"exists": True, "path": path, "size": os.path.getsize(path), "sha256": sha256_file(path)}
+    try:
+        meta = gguf_header(path)["metadata"]
+    except ValueError as exc:
+        out["error"] = str(exc)
+        return out
+    arch = meta.get("general.architecture")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    out["architecture"] = arch
+    out["name"] = meta.get("general.name")
+    out["embedding_length"] = meta.get("%s.embedding_length" % arch)
+    out["block_count"] = meta.get("%s.block_count" % arch)
+    out["vocab_size"] = tokens.get("length") if isinstance(tokens, dict) else None
+    return out
+
+
 # -- operations -------------------------------------------------------------------------------
 @op
-def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None):
+def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None, base_gguf=None):
     """Everything the planner needs to know about an endpoint, read without writing."""
     free, writable = _free_bytes(adapter_dir)
     out = {
@@ -300,6 +382,8 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
         }
     if pidfile:
         out["pid"] = check_pidfile(pidfile)
+    if base_gguf:
+        out["base_gguf"] = gguf_facts(base_gguf)
     if loaded_file:
         try:
             out["loaded"] = read_json_file(loaded_file)

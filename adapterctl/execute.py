@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from adapterctl.errors import (
     LockHeld,
     PhaseError,
 )
-from adapterctl.plan import Plan, Step, compat_link_paths, loaded_file
+from adapterctl.plan import Plan, Step, compat_link_paths, human_bytes, loaded_file
 from adapterctl.transports.base import Transport
 
 # outcome status -> exit code; worst wins in the order of EXIT_SEVERITY
@@ -88,6 +88,7 @@ class Outcome:
     started: float = field(default_factory=time.monotonic)
     swapped: tuple[str | None, str | None] | None = None  # links to restore if a deploy fails after swap
     restarted: bool = False  # reload_method restart: the service manager restarted the service
+    convert: str | None = None  # peft | cached | built | rebuilt (...): what the convert step did
 
     @property
     def done(self) -> bool:
@@ -127,6 +128,9 @@ class _Run:
         self.lock_failed: dict[str, tuple[str, str]] = {}  # endpoint -> (outcome status, why)
         self.failed_models: dict[str, str] = {}
         self.registered: dict[str, threading.Event] = {}  # model -> set once its version step ended
+        self.artifacts: dict[str, Any] = {}  # conversion key -> convert.Artifact built or verified here
+        self.convert_locks: dict[str, threading.Lock] = {}  # one conversion per key at a time
+        self.convert_guard = threading.Lock()
         self.manifest = None  # read on first use, after the version steps have registered
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -343,7 +347,81 @@ class _Run:
 
     # -- pipeline steps ---------------------------------------------------------------------
     def do_convert(self, step: Step, out: Outcome) -> None:
-        pass  # the plan says what conversion means for this kind; nothing to run yet
+        """Build (or take from the cache, re-hashed) the artifact this endpoint's kind loads.
+
+        Endpoints that want the same artifact share it: the first builds it, under a per-key lock,
+        the others find it in the cache. The manifest records it next to the version."""
+        from adapterctl import convert
+
+        key = step.arg("key")
+        if key is None:
+            out.convert = "peft"
+            return
+        with self.convert_guard:
+            lock = self.convert_locks.setdefault(key, threading.Lock())
+        with lock:
+            artifact = self.artifacts.get(key)
+            how = "cached"
+            if artifact is None:
+                m = self.cfg.models[step.model]
+                target = next(t for t in self.plan.targets if t.model == step.model)
+                base_dir = step.arg("base_dir")
+                job = convert.Job(
+                    step.model,
+                    step.version,
+                    step.arg("spec"),
+                    target.store_dir,
+                    dict(target.files),
+                    Path(base_dir) if base_dir else None,
+                    step.arg("base_digest"),
+                    convert.fidelity_spec(m, self.cfg.path.parent),
+                )
+                if job.key() != key:
+                    raise PhaseError(
+                        f"{step.model} {step.version}: the conversion inputs changed since the plan was made",
+                        "run the command again",
+                    )
+                artifact, how = convert.run(
+                    job, convert.Cache(self.cfg.store), lambda line: self.say(step, line)
+                )
+                self.artifacts[key] = artifact
+                self.record_artifact(step, artifact)
+        out.convert = how
+        fid = artifact.meta.get("fidelity") or {}
+        checked = (
+            "; fidelity "
+            + ", ".join(
+                f"{r['artifact']} {r['identical']}/{fid['cases']} token-identical"
+                for r in fid.get("results", [])
+            )
+            if fid.get("checked")
+            else f"; fidelity not checked ({fid.get('reason', 'disabled')})"
+        )
+        self.say(
+            step,
+            f"convert: {step.arg('spec').label} {how} ({human_bytes(artifact.size_bytes)}, "
+            f"{len(artifact.files)} files){checked}",
+        )
+
+    def record_artifact(self, step: Step, artifact: Any) -> None:
+        from adapterctl.manifest import locked
+
+        with locked(self.cfg.store) as manifest:
+            entry = manifest.version(step.model, step.version)
+            if entry is not None:
+                entry.setdefault("artifacts", {})[artifact.key] = artifact.record()
+
+    def artifact_files(self, step: Step) -> tuple[dict[str, str], str | None]:
+        """(files, source dir) a transfer/publish/verify step ships: the plan's, or the conversion's."""
+        files, key = step.arg("files"), step.arg("key")
+        if files is not None:
+            return files, step.arg("src")
+        artifact = self.artifacts.get(key)
+        if artifact is None:
+            raise PhaseError(
+                f"{step.model} {step.version}: no conversion output for {key} (bug: convert did not run)"
+            )
+        return dict(artifact.files), str(artifact.dir)
 
     def do_verify_release(self, step: Step, out: Outcome) -> None:
         ep, tr = self.ep(step)
@@ -352,13 +430,13 @@ class _Run:
             adapter_dir=ep.adapter_dir,
             model=step.model,
             version=step.version,
-            files=step.arg("files"),
+            files=self.artifact_files(step)[0],
         )
         self.say(step, f"releases/{step.version} present, hashes verified on the endpoint")
 
     def do_transfer(self, step: Step, out: Outcome) -> None:
         ep, tr = self.ep(step)
-        files = step.arg("files")
+        files, src = self.artifact_files(step)
         link = step.arg("link_dest")
         prep = tr.call(
             "prepare_staging",
@@ -371,7 +449,8 @@ class _Run:
         try:
             board = self.ctx.board
             progress = (lambda n: board.advance(step.endpoint, n)) if board is not None else None
-            result = tr.sync_files(Path(step.arg("src")), prep["path"], prep["send"], None, progress)
+            basis = f"{ep.adapter_dir}/{step.model}/releases/{link}" if link and step.arg("delta") else None
+            result = tr.sync_files(Path(src), prep["path"], prep["send"], basis, progress)
         except AdapterctlError:
             tr.call("remove_staging", adapter_dir=ep.adapter_dir, model=step.model, version=step.version)
             raise
@@ -386,18 +465,25 @@ class _Run:
     def do_publish(self, step: Step, out: Outcome) -> None:
         ep, tr = self.ep(step)
         target = next((t for t in self.plan.targets if t.model == step.model), None)
+        files = self.artifact_files(step)[0]
+        artifact = self.artifacts.get(step.arg("key"))
         meta = {
             "created": iso(self.ctx.clock()),
-            "sha256": step.arg("files").get("adapter_model.safetensors"),
+            "sha256": target.files.get("adapter_model.safetensors") if target else None,
             "deployment_id": self.plan.deployment_id,
             "cycle": target.cycle if target else None,
+            "format": artifact.meta.get("format") if artifact else "peft",
         }
+        if artifact is not None:
+            meta["artifact"] = {
+                k: artifact.meta.get(k) for k in ("key", "kind", "quant", "tools", "base_digest")
+            }
         tr.call(
             "finalize_release",
             adapter_dir=ep.adapter_dir,
             model=step.model,
             version=step.version,
-            files=step.arg("files"),
+            files=files,
             meta=meta,
         )
         self.say(step, f"hashes verified on the endpoint; published releases/{step.version}")
@@ -626,6 +712,8 @@ class _Run:
 
         ep, tr = self.ep(step)
         local = step.arg("local")
+        if local == "@artifact":  # the conversion ran in this run: its cache entry
+            local = self.artifact_files(step)[1]
         if local is not None and where != "active":  # --health-local: this machine, the store copy
             from adapterctl.transports.local import LocalTransport
 
@@ -648,6 +736,16 @@ class _Run:
             transport=tr,
         )
 
+    def engine_spec(self, step: Step) -> dict[str, Any]:
+        """The model's health spec on this endpoint: engine auto resolved, the artifact's defaults."""
+        from adapterctl import convert
+        from adapterctl.health.engines import spec_for_endpoint
+
+        ep = self.cfg.endpoints[step.endpoint]
+        fmt = convert.spec_for(self.cfg.models[step.model], ep).format
+        base_gguf = ep.base_gguf.path if ep.base_gguf else None
+        return spec_for_endpoint(asdict(self.cfg.models[step.model].health), ep.kind, fmt, base_gguf)
+
     def health(self, step: Step, where: str) -> dict[str, Any] | None:
         from adapterctl.health import make_engine, resolve_suite, run_suite
 
@@ -661,7 +759,7 @@ class _Run:
             )
             return None
         suite = resolve_suite(spec.suite, self.cfg.path.parent)
-        result = run_suite(suite, make_engine(asdict(spec)), self.health_target(step, where))
+        result = run_suite(suite, make_engine(self.engine_spec(step)), self.health_target(step, where))
         d = result.to_dict()
         verdict = "passed" if result.all_passed else f"FAILED ({len(result.failures)} of {d['cases']})"
         self.say(
@@ -681,7 +779,7 @@ class _Run:
         target = self.health_target(step, "active")
         answers = []
         for engine in (
-            make_engine(asdict(spec)),
+            make_engine(self.engine_spec(step)),
             make_engine({"command": spec.base_command, "timeout_s": spec.timeout_s, "env": spec.env}),
         ):
             with engine:
@@ -842,6 +940,7 @@ def execute(plan: Plan, ctx: RunContext) -> Report:
                 "status": o.status,
                 "error": o.error,
                 "bytes_sent": o.bytes_sent,
+                "convert": o.convert,
                 "duration_s": round(time.monotonic() - o.started, 3),
             }
         )
@@ -851,7 +950,9 @@ def execute(plan: Plan, ctx: RunContext) -> Report:
             for name in plan.endpoints:
                 ep = ctx.cfg.endpoints[name]
                 manifest.data["endpoints"][name] = {
-                    k: v for k, v in vars(ep).items() if v not in (None, {}, ())
+                    k: asdict(v) if is_dataclass(v) else v
+                    for k, v in vars(ep).items()
+                    if v not in (None, {}, ())
                 }
             manifest.add_deployment(
                 {

@@ -64,6 +64,154 @@ class Plan:
         return sum(s.bytes for s in self.steps if s.phase == "transfer")
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """What the convert phase means for one (version, endpoint kind), as far as planning knows."""
+
+    spec: Any  # convert.ConvertSpec
+    key: str | None  # cache key (None: PEFT shipped as is)
+    files: Mapping[str, str] | None  # shipped files -> sha256; None until a conversion runs
+    src: Path | None  # where they are shipped from (the cache entry or the store copy)
+    size: int  # bytes (an estimate while not built)
+    base_dir: Path | None = None
+    base_digest: str | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.files is not None and self.key is not None
+
+
+# bits per weight of llama.cpp file types, for the dry run's size estimate of a merged GGUF
+_BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54}
+_BPW.update({"Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5, "Q4_0": 4.5})
+_BPW.update({"Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 3.0})
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
+
+
+def _estimate(spec: Any, t: Target, base_dir: Path | None) -> int:
+    """A rough output size for a conversion that has not run yet (shown with ≈ in the plan)."""
+    from adapterctl.convert import _safetensors_shapes
+
+    if spec.format in ("adapter", "lora") or base_dir is None:
+        return t.size_bytes
+    base = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    if spec.format == "fused":
+        return base
+    params = 0
+    for f in base_dir.glob("*.safetensors"):
+        for shape in _safetensors_shapes(f).values():
+            n = 1
+            for d in shape:
+                n *= d
+            params += n
+    return int(params * _BPW.get(spec.quant or "F16", 16) / 8) or base
+
+
+class ConvertPlanner:
+    """Conversions for a plan: the base model checked once per model, cache entries peeked (not
+    verified: the convert step re-hashes them), digests cached only when `persist` (not a dry run)."""
+
+    def __init__(self, cfg: Config, persist: bool = True):
+        from adapterctl.convert import Cache
+
+        self.cfg, self.persist = cfg, persist
+        self.cache = Cache(cfg.store)
+        self.bases: dict[str, tuple[Path, str, dict]] = {}
+
+    def base(self, model: str, t: Target, spec: Any, ep: EndpointConfig) -> tuple[Path, str, dict]:
+        from adapterctl.convert import BaseMismatch, base_digest, check_base
+
+        m = self.cfg.models[model]
+        if m.base_dir is None:
+            why = "needs the base model" if spec.needs_base else "checks fidelity against the base model"
+            raise BaseMismatch(
+                f"model {model}: endpoint {ep.name} (kind {ep.kind}) gets a {spec.label}, which {why}, "
+                f"but models.{model}.base_dir is not set in {self.cfg.path}",
+                "set base_dir to the base model directory (Hugging Face layout) on this machine, "
+                "or convert: peft to ship the PEFT files as they are",
+            )
+        if model not in self.bases:
+            config = check_base(model, m.base_dir, t.source or t.store_dir)
+            self.bases[model] = (m.base_dir, base_digest(m.base_dir, self.cfg.store, self.persist), config)
+        return self.bases[model]
+
+    def plan(self, t: Target, ep: EndpointConfig) -> Conversion:
+        from adapterctl.convert import Job, spec_for
+
+        m = self.cfg.models[t.model]
+        spec = spec_for(m, ep)
+        if spec.passthrough:
+            return Conversion(spec, None, dict(t.files), t.store_dir, t.size_bytes)
+        base_dir, digest, _ = (
+            self.base(t.model, t, spec, ep) if (spec.needs_base or spec.fidelity) else (None, None, None)
+        )
+        job = Job(t.model, t.version_id, spec, t.store_dir, dict(t.files), base_dir, digest)
+        key = job.key()
+        doc = self.cache.peek(key)
+        if doc is not None:
+            return Conversion(
+                spec, key, doc["files"], self.cache.entry(key), int(doc["size_bytes"]), base_dir, digest
+            )
+        return Conversion(spec, key, None, None, _estimate(spec, t, base_dir), base_dir, digest)
+
+
+def convert_step(
+    converter: ConvertPlanner, ep: EndpointConfig, t: Target, facts: Mapping[str, Any] | None = None
+) -> tuple[Step, Conversion]:
+    """The convert step of one (endpoint, version) and what planning knows of its output. With the
+    endpoint's `facts`, a GGUF LoRA's base GGUF there is checked against the adapter's base model."""
+    conv = converter.plan(t, ep)
+    if conv.spec.format == "lora" and facts is not None:
+        _check_base_gguf(ep, facts, t.model, converter.bases.get(t.model))
+    step = Step(
+        "convert",
+        "convert",
+        _convert_summary(ep, conv),
+        endpoint=ep.name,
+        model=t.model,
+        version=t.version_id,
+        args=(
+            ("key", conv.key),
+            ("spec", conv.spec),
+            ("base_dir", str(conv.base_dir) if conv.base_dir else None),
+            ("base_digest", conv.base_digest),
+        ),
+    )
+    return step, conv
+
+
+def plan_convert(
+    cfg: Config, deployment_id: str, targets: list[Target], endpoints: list[str], persist: bool
+) -> Plan:
+    """`adapterctl convert`: only the convert steps a deploy of `targets` to `endpoints` would run."""
+    converter = ConvertPlanner(cfg, persist)
+    steps = [
+        convert_step(converter, cfg.endpoints[e], t)[0]
+        for t in targets
+        for e in endpoints
+        if cfg.endpoints[e].serves(t.model)
+    ]
+    return Plan("convert", deployment_id, tuple(steps), endpoints=tuple(endpoints), targets=tuple(targets))
+
+
+def _convert_summary(ep: EndpointConfig, c: Conversion) -> str:
+    if c.key is None:
+        return f"convert for {ep.kind}: none — the PEFT files are shipped as they are (convert: peft)"
+    if c.cached:
+        return (
+            f"convert for {ep.kind}: {c.spec.label} — cached ({c.key[:12]}, {human_bytes(c.size)}; "
+            "its hashes are checked before use, a damaged entry is rebuilt)"
+        )
+    how = {
+        "adapter": "PEFT → mlx_lm adapter layout",
+        "fused": f"merge the LoRA into {c.base_dir} (mlx fuse)",
+        "merged": f"merge the LoRA into {c.base_dir}, HF→GGUF, quantize {c.spec.quant}",
+        "lora": f"PEFT → GGUF LoRA against {c.base_dir}",
+    }[c.spec.format]
+    check = "; fidelity check against PEFT on the health suite" if c.spec.fidelity else "; no fidelity check"
+    return f"convert for {ep.kind}: {c.spec.label} — will run: {how} (≈ {human_bytes(c.size)}){check}"
+
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -96,6 +244,7 @@ def gather_facts(ep: EndpointConfig, transport: Transport, models: list[str]) ->
         pidfile=ep.pidfile if ep.reload_method in ("sigusr1", "restart") else None,
         compat_links=compat_link_paths(ep),
         loaded_file=loaded_file(ep),
+        base_gguf=ep.base_gguf.path if ep.base_gguf else None,
     )
 
 
@@ -178,7 +327,9 @@ def _endpoint_steps(
     notes: list[str],
     allow_outage: bool = False,
     health_local: bool = False,
+    converter: ConvertPlanner | None = None,
 ) -> list[Step]:
+    converter = converter or ConvertPlanner(cfg)
     steps: list[Step] = []
     links = compat_link_paths(ep)
     for t in targets:
@@ -188,49 +339,53 @@ def _endpoint_steps(
             continue
         release = next((r for r in mf["releases"] if r["version_id"] == t.version_id), None)
         base = dict(endpoint=ep.name, model=t.model, version=t.version_id)
-        n = len(t.files)
-        steps.append(
-            Step(
-                "convert",
-                "convert",
-                f"convert for {ep.kind}: none — the PEFT adapter is shipped "
-                "as is (format conversion is not built yet)",
-                **base,
-            )
-        )
+        step, conv = convert_step(converter, ep, t, facts)
+        steps.append(step)
+        files = dict(conv.files) if conv.files is not None else None
+        what = f"{len(files)} files" if files is not None else f"the {conv.spec.label} files"
         if release and release["complete"]:
             steps.append(
                 Step(
                     "transfer",
                     "verify_release",
-                    f"releases/{t.version_id} already on endpoint: re-verify sha256 of {n} files there "
+                    f"releases/{t.version_id} already on endpoint: re-verify sha256 of {what} there "
                     "(0 bytes to send)",
                     **base,
-                    args=(("files", dict(t.files)),),
+                    args=(("files", files), ("key", conv.key)),
                 )
             )
         else:
             newest = _newest_release(mf)
             known = newest["files"] if newest else {}
-            send = {f: s for f, s in t.files.items() if known.get(f) != s}
-            size = _size_of(t, send)
-            reuse = (
-                f"; {n - len(send)} unchanged files linked from releases/{newest['version_id']}"
-                if newest
-                else ""
-            )
+            delta = conv.spec.format in ("merged", "fused") and newest is not None
+            if files is not None:
+                send = {f: s for f, s in files.items() if known.get(f) != s}
+                size = _size_in(conv.src, send)
+                reuse = (
+                    f"; {len(files) - len(send)} unchanged files linked from releases/{newest['version_id']}"
+                    if newest
+                    else ""
+                )
+                head = f"send {len(send)} of {len(files)} files ({human_bytes(size)})"
+            else:
+                size = conv.size
+                reuse = f"; files equal to releases/{newest['version_id']}'s are linked" if newest else ""
+                head = f"send the conversion output (≈ {human_bytes(size)})"
+            if delta and newest is not None:
+                reuse += f"; changed files go as rsync deltas against releases/{newest['version_id']}"
             steps.append(
                 Step(
                     "transfer",
                     "transfer",
-                    f"send {len(send)} of {n} files ({human_bytes(size)}) "
-                    f"to staging/{t.version_id}.tmp{reuse}",
+                    f"{head} to staging/{t.version_id}.tmp{reuse}",
                     bytes=size,
                     **base,
                     args=(
-                        ("src", str(t.store_dir)),
-                        ("files", dict(t.files)),
+                        ("src", str(conv.src) if conv.src else None),
+                        ("files", files),
+                        ("key", conv.key),
                         ("link_dest", newest["version_id"] if newest else None),
+                        ("delta", delta),
                     ),
                 )
             )
@@ -238,10 +393,10 @@ def _endpoint_steps(
                 Step(
                     "transfer",
                     "publish",
-                    f"sha256 of {n} files computed on the endpoint, compared with the manifest; "
+                    f"sha256 of {what} computed on the endpoint, compared with the manifest; "
                     f"staging/{t.version_id}.tmp → releases/{t.version_id}",
                     **base,
-                    args=(("files", dict(t.files)),),
+                    args=(("files", files), ("key", conv.key)),
                 )
             )
         model_cfg = cfg.models[t.model]
@@ -253,7 +408,9 @@ def _endpoint_steps(
                 if health_local
                 else _health_summary(model_cfg, f"releases/{t.version_id}"),
                 **base,
-                args=(("local", str(t.store_dir)),) if health_local else (),
+                args=(("local", str(conv.src) if conv.src else "@artifact"), ("key", conv.key))
+                if health_local
+                else (),
             )
         )
         if ep.reload_method == "sigusr1":
@@ -337,12 +494,54 @@ def _rollback_choice(
     return good if good in complete and good != t.version_id else old_a
 
 
-def _size_of(t: Target, files: Mapping[str, str]) -> int:
+def _size_in(root: Path | None, files: Mapping[str, str]) -> int:
     total = 0
     for rel in files:
-        src = (t.source or t.store_dir) / rel
-        total += src.stat().st_size if src.exists() else 0
+        src = root / rel if root is not None else None
+        total += src.stat().st_size if src is not None and src.exists() else 0
     return total
+
+
+def _check_base_gguf(ep: EndpointConfig, facts: Mapping[str, Any], model: str, base: Any) -> None:
+    """A GGUF LoRA release needs the endpoint's base GGUF to be the configured file and the model the
+    adapter was trained on: refuse (one line, before any transfer) when it is not."""
+    from adapterctl.convert import BaseMismatch
+
+    where = f"endpoint {ep.name}"
+    if ep.base_gguf is None:
+        raise BaseMismatch(
+            f"{where}: format lora needs base_gguf (path and sha256 of the base GGUF there)",
+            f"add base_gguf: {{path: ..., sha256: ...}} to endpoint {ep.name} in adapterctl.yaml",
+        )
+    got = facts.get("base_gguf") or {}
+    path = ep.base_gguf.path
+    if not got.get("exists"):
+        raise BaseMismatch(
+            f"{where}: base GGUF {path} does not exist there",
+            "copy the base model's GGUF there, or fix base_gguf.path",
+        )
+    if got.get("sha256") != ep.base_gguf.sha256:
+        raise BaseMismatch(
+            f"{where}: base GGUF {path} has sha256 {str(got.get('sha256'))[:16]}…, "
+            f"the config says {ep.base_gguf.sha256[:16]}…",
+            "the file there is not the configured base: restore it, or update base_gguf.sha256",
+        )
+    if base is None:
+        return
+    config = base[2]
+    want = {"embedding_length": config.get("hidden_size"), "block_count": config.get("num_hidden_layers")}
+    want["vocab_size"] = config.get("vocab_size")
+    diff = [
+        f"{k} {got.get(k)} there, {v} in {base[0]}"
+        for k, v in want.items()
+        if v and got.get(k) not in (None, v)
+    ]
+    if got.get("error") or diff:
+        raise BaseMismatch(
+            f"{where}: base GGUF {path} is not {model}'s base model: {got.get('error') or '; '.join(diff)}",
+            f"put the GGUF of models.{model}.base_dir there (and its sha256 in base_gguf), "
+            "or deploy the merged format",
+        )
 
 
 def _health_summary(model_cfg: Any, where: str) -> str:
@@ -381,8 +580,12 @@ def plan_deploy(
     canary: str | None = None,
     allow_outage: bool = False,
     health_local: bool = False,
+    persist: bool = True,
 ) -> Plan:
-    """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
+    """The whole deploy as data: version steps, then per endpoint its locked pipeline.
+
+    `persist` False (a dry run): nothing is written, not even the base-model digest cache."""
+    converter = ConvertPlanner(cfg, persist)
     steps: list[Step] = []
     notes: list[str] = []
     blocked: list[tuple[str, str | None, str]] = []
@@ -414,7 +617,7 @@ def plan_deploy(
         if facts.get("problem"):
             blocked.append((name, None, f"{facts['problem']} — move it aside or choose another adapter_dir"))
             continue
-        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage, health_local))
+        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage, health_local, converter))
     return Plan(
         "deploy",
         deployment_id,

@@ -140,6 +140,7 @@ def write_config(
   {MODEL}:
     source: "./training data/{MODEL}"
     base_model: local/tiny-llama
+    convert: peft
     health:
       suite: translation_en_es
       engine: command
@@ -151,6 +152,7 @@ def write_config(
   whisper:
     source: "./training data/whisper"
     base_model: local/tiny-whisper
+    convert: peft
 """
     cfg = ws_root / "adapterctl.yaml"
     cfg.write_text(

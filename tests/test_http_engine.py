@@ -264,7 +264,7 @@ def test_make_engine_validates_the_http_spec():
 
 def _config(tmp_path: Path, health: str) -> Path:
     text = (
-        f"models:\n  {MODEL}:\n    source: src\n    health:\n{health}"
+        f"models:\n  {MODEL}:\n    source: src\n    convert: peft\n    health:\n{health}"
         "endpoints:\n  mac-1:\n    host: local\n    adapter_dir: ep\n    kind: mlx\n    reload_method: none\n"
     )
     path = tmp_path / "adapterctl.yaml"

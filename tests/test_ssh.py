@@ -114,6 +114,7 @@ endpoints:
   {MODEL}:
     source: "./training data/{MODEL}"
     base_model: local/tiny-llama
+    convert: peft
     health:
       suite: translation_en_es
       engine: command
@@ -122,6 +123,7 @@ endpoints:
   whisper:
     source: "./training data/whisper"
     base_model: local/tiny-whisper
+    convert: peft
 """,
         encoding="utf-8",
     )

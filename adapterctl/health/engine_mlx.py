@@ -132,6 +132,8 @@ def make(spec: Mapping) -> MlxEngine:
             "e.g. base: /models/llama-3.2-1b-instruct (adapter defaults to {release})",
         )
     kwargs = {k: spec[k] for k in SPEC_KEYS if k in spec and k != "engine"}
+    if kwargs.get("adapter") == "none":  # the base (or a fused model) alone
+        kwargs["adapter"] = None
     return MlxEngine(**kwargs)
 
 

@@ -532,6 +532,31 @@ class ModelProcessEngine(CommandEngine):
             )
 
 
+def spec_for_endpoint(
+    spec: Mapping, kind: str, artifact_format: str | None = None, base_gguf: str | None = None
+) -> dict:
+    """A model's health spec as it runs on one endpoint.
+
+    `engine: auto` becomes mlx on `mlx` endpoints and llamacpp on `gguf` ones (the other engine's
+    keys are dropped). The model engines default to the endpoint's converted artifact: a fused MLX
+    model is the release itself (no adapter); a GGUF LoRA is {release}/adapter.gguf on the
+    endpoint's base GGUF. Keys whose value is None count as absent.
+    """
+    spec = {k: v for k, v in spec.items() if v is not None}
+    if spec.get("engine") == "auto":
+        spec["engine"] = "mlx" if kind == "mlx" else "llamacpp"
+        other = ("gguf", "lora", "base_gguf", "n_ctx", "stop") if kind == "mlx" else ("base", "adapter")
+        for key in other:
+            spec.pop(key, None)
+    if spec.get("engine") == "mlx" and artifact_format == "fused":
+        spec["base"], spec["adapter"] = "{release}", "none"
+    if spec.get("engine") == "llamacpp" and artifact_format == "lora" and not {"gguf", "lora"} & spec.keys():
+        spec["lora"] = "{release}/adapter.gguf"
+        if base_gguf is not None:
+            spec.setdefault("base_gguf", base_gguf)
+    return spec
+
+
 def make_engine(spec: Mapping) -> HealthEngine:
     """Build the engine a config's health section describes.
 
@@ -542,6 +567,11 @@ def make_engine(spec: Mapping) -> HealthEngine:
     """
     spec = {k: v for k, v in spec.items() if v is not None}
     kind = spec.get("engine", "command")
+    if kind == "auto":
+        raise ConfigError(
+            "health engine 'auto' is resolved per endpoint (mlx or llamacpp by its kind)",
+            "call spec_for_endpoint() first",
+        )
     if kind == "mlx":  # imported here: their modules are also run as `python -m` on the endpoint
         from adapterctl.health.engine_mlx import make as make_mlx
 

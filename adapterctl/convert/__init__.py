@@ -1,0 +1,495 @@
+"""Phase 2, convert (DESIGN §5): the artifact each endpoint kind loads, built on the training box.
+
+    mlx  adapter  PEFT → mlx_lm adapter (adapters.safetensors + adapter_config.json), numpy only
+    mlx  fused    base + LoRA merged into one model directory mlx_lm loads without an adapter
+    gguf merged   base + LoRA merged (PEFT merge_and_unload), llama.cpp's HF→GGUF converter,
+                  quantized with llama-cpp-python (default Q4_K_M) → model.gguf
+    gguf lora     the LoRA as a GGUF LoRA (llama.cpp's convert_lora_to_gguf.py) → adapter.gguf,
+                  for endpoints that keep a base GGUF and load the adapter on top
+    *    peft     nothing: the PEFT files are shipped as they are
+
+Outputs are cached under `{store}/.cache/convert/{key}/`, key = sha256 of (source file hashes,
+base model digest, format, quant type, options, converter and tool versions). A cache entry is
+complete when its ARTIFACT.json exists (written last); every use re-hashes its files, and an
+entry that does not match (truncated, corrupted) is removed and rebuilt, never shipped.
+
+This module imports no heavy package: the builders (mlx.py, gguf.py) and the fidelity check
+(fidelity.py) import torch/transformers/peft/mlx/llama_cpp inside their functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.errors import AdapterctlError, ConfigError, HealthCheckFailed, UsageError
+
+CONVERTER_VERSION = "1"  # bump when any builder's output changes for the same inputs
+ARTIFACT_FILE = "ARTIFACT.json"
+CACHE_DIR = Path(".cache") / "convert"
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "mlx": ("adapter", "fused", "peft"),
+    "gguf": ("merged", "lora", "peft"),
+}
+DEFAULT_FORMAT = {"mlx": "adapter", "gguf": "merged"}
+DEFAULT_QUANT = "Q4_K_M"
+NEEDS_BASE = ("fused", "merged", "lora")
+
+# llama.cpp's file types (llama_ftype, llama-cpp-python 0.3.36) that quantize without extra input.
+# The IQ*/TQ* types need an importance matrix (llama-quantize --imatrix), which we do not produce.
+QUANT_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
+    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
+)  # fmt: skip
+NEEDS_IMATRIX = (
+    "IQ1_M", "IQ1_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_M", "IQ3_S", "IQ3_XS",
+    "IQ3_XXS", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "NVFP4", "MXFP4_MOE",
+)  # fmt: skip
+UNQUANTIZED = ("F32", "F16", "BF16")
+
+# what each format writes (the files shipped in the release)
+OUTPUT_FILES = {
+    "adapter": ("adapters.safetensors", "adapter_config.json"),
+    "merged": ("model.gguf",),
+    "lora": ("adapter.gguf",),
+}
+TOOLS = {  # distributions whose version enters the cache key, per format
+    "adapter": ("numpy",),
+    "fused": ("numpy",),
+    "merged": ("torch", "transformers", "peft", "llama_cpp_python"),
+    "lora": ("torch", "transformers", "peft", "llama_cpp_python"),
+}
+FIDELITY_TOOLS = {"adapter": ("mlx", "mlx-lm"), "fused": ("mlx", "mlx-lm")}
+
+
+class ConversionError(AdapterctlError):
+    """A conversion could not be built (exit 1; nothing was sent to the endpoint)."""
+
+
+class FidelityFailed(HealthCheckFailed):
+    """The converted artifact does not behave like the PEFT original (exit 4, active untouched)."""
+
+
+class BaseMismatch(UsageError):
+    """The configured base model is missing or is not the one the adapter applies to (exit 2)."""
+
+
+def check_quant(quant: str) -> str:
+    """The llama.cpp file type name for `quant` (case-insensitive); ConfigError for an unknown one."""
+    name = quant.upper()
+    if name in QUANT_TYPES:
+        return name
+    if name in NEEDS_IMATRIX:
+        raise ConfigError(
+            f"quant type {quant!r} needs an importance matrix, which adapterctl does not build",
+            f"use one of: {', '.join(QUANT_TYPES)}",
+        )
+    raise ConfigError(
+        f"quant type {quant!r} is not a llama.cpp file type", f"use one of: {', '.join(QUANT_TYPES)}"
+    )
+
+
+@dataclass(frozen=True)
+class ConvertSpec:
+    """How one endpoint kind wants a model's adapter: `kind` mlx|gguf, `format` (FORMATS[kind])."""
+
+    kind: str
+    format: str
+    quant: str | None = None  # gguf merged: a QUANT_TYPES name (default Q4_K_M)
+    fidelity: bool = True  # compare the artifact with the PEFT original on the health suite
+
+    @property
+    def passthrough(self) -> bool:
+        return self.format == "peft"
+
+    @property
+    def needs_base(self) -> bool:
+        return self.format in NEEDS_BASE
+
+    @property
+    def label(self) -> str:
+        if self.passthrough:
+            return "PEFT as is"
+        what = {
+            "adapter": "MLX adapter",
+            "fused": "fused MLX model",
+            "merged": "merged GGUF",
+            "lora": "GGUF LoRA",
+        }
+        return what[self.format] + (f" {self.quant}" if self.quant else "")
+
+    def params(self) -> dict[str, Any]:
+        return {"kind": self.kind, "format": self.format, "quant": self.quant}
+
+
+def default_spec(kind: str) -> ConvertSpec:
+    fmt = DEFAULT_FORMAT[kind]
+    return ConvertSpec(kind, fmt, DEFAULT_QUANT if fmt == "merged" else None)
+
+
+@dataclass(frozen=True)
+class FidelitySpec:
+    """What the fidelity check runs: the model's health suite cases, with the engine's prompt."""
+
+    inputs: tuple[str, ...] = ()
+    suite: Any = None  # health.suite.HealthSuite (None: no text suite, fidelity is not checked)
+    prompt_template: str = "{input}\n"
+    max_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one conversion reads; its cache key is computed from these values only."""
+
+    model: str
+    version: str
+    spec: ConvertSpec
+    source_dir: Path  # the registered (immutable) store copy of the version
+    source_files: Mapping[str, str]  # file -> sha256, from the manifest
+    base_dir: Path | None = None
+    base_digest: str | None = None
+    fidelity: FidelitySpec = field(default_factory=FidelitySpec)
+
+    def key(self) -> str:
+        return cache_key(self)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A complete, verified cache entry (or, for `peft`, the store copy itself)."""
+
+    key: str | None
+    dir: Path
+    files: dict[str, str]  # file -> sha256: what is shipped
+    size_bytes: int
+    meta: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's record of this artifact (DESIGN §4, per version under `artifacts`)."""
+        keep = ("format", "kind", "quant", "tools", "fidelity", "fallbacks", "base_digest", "seconds")
+        return {"key": self.key, "files": self.files, "size_bytes": self.size_bytes} | {
+            k: self.meta[k] for k in keep if k in self.meta
+        }
+
+
+def dist_version(name: str) -> str | None:
+    """An installed distribution's version, without importing it (None when absent)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions(spec: ConvertSpec) -> dict[str, str | None]:
+    names = TOOLS.get(spec.format, ()) + (FIDELITY_TOOLS.get(spec.format, ()) if spec.fidelity else ())
+    return {"adapterctl-converter": CONVERTER_VERSION} | {n: dist_version(n) for n in names}
+
+
+def cache_key(job: Job) -> str:
+    doc = {
+        "files": dict(sorted(job.source_files.items())),
+        "base": job.base_digest,
+        "spec": job.spec.params(),
+        "fidelity": job.spec.fidelity,
+        "tools": tool_versions(job.spec),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Cache:
+    """`{store}/.cache/convert/`: one directory per key, complete once ARTIFACT.json exists."""
+
+    def __init__(self, store: Path):
+        self.root = store / CACHE_DIR
+
+    def entry(self, key: str) -> Path:
+        return self.root / key
+
+    def peek(self, key: str) -> dict[str, Any] | None:
+        """The entry's ARTIFACT.json, unverified (for planning); None when absent or unreadable."""
+        try:
+            doc = json.loads((self.entry(key) / ARTIFACT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("files"), dict) else None
+
+    def lookup(self, key: str) -> tuple[Artifact | None, str | None]:
+        """(artifact, None) for a complete entry whose files hash as recorded; (None, why) when the
+        entry exists but is damaged (it is removed, so it gets rebuilt); (None, None) when absent."""
+        doc = self.peek(key)
+        path = self.entry(key)
+        if doc is None:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                return None, "incomplete (no ARTIFACT.json)"
+            return None, None
+        for name, sha in doc["files"].items():
+            f = path / name
+            if not f.is_file():
+                why = f"{name} is missing"
+            elif (size := f.stat().st_size) != doc.get("sizes", {}).get(name, size):
+                why = f"{name} is {size} bytes, {doc['sizes'][name]} recorded (truncated?)"
+            elif _sha256(f) != sha:
+                why = f"{name} does not match its recorded sha256"
+            else:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            return None, why
+        return Artifact(key, path, dict(doc["files"]), int(doc["size_bytes"]), doc), None
+
+    def publish(self, key: str, built: Path, meta: dict[str, Any]) -> Artifact:
+        """Hash the files in `built` (a temp dir beside the entry), write ARTIFACT.json last, fsync,
+        rename into place. Returns the artifact."""
+        files, sizes = {}, {}
+        for f in sorted(p for p in built.rglob("*") if p.is_file()):
+            rel = f.relative_to(built).as_posix()
+            files[rel], sizes[rel] = _sha256(f), f.stat().st_size
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        doc = dict(meta, key=key, files=files, sizes=sizes, size_bytes=sum(sizes.values()))
+        tmp = built / (ARTIFACT_FILE + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, built / ARTIFACT_FILE)
+        _fsync_dir(built)
+        final = self.entry(key)
+        if final.exists():  # a concurrent run finished first; both are the same bytes by key
+            shutil.rmtree(built, ignore_errors=True)
+        else:
+            os.rename(built, final)
+            _fsync_dir(self.root)
+        artifact, why = self.lookup(key)
+        if artifact is None:
+            raise ConversionError(f"conversion cache entry {final} is unusable right after writing: {why}")
+        return artifact
+
+    def scratch(self, key: str) -> Path:
+        path = self.root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+
+# -- base model -------------------------------------------------------------------------------
+_BASE_FILES = (".json", ".safetensors", ".model", ".bin", ".txt", ".tiktoken")
+
+
+def base_digest(base_dir: Path, store: Path, persist: bool = True) -> str:
+    """sha256 over the base model directory's files (name + sha256 each). File hashes are cached
+    in `{store}/.cache/base-digests.json` by (path, size, mtime_ns, inode), so a multi-GB base is
+    hashed once, not on every deploy; `persist` False (a dry run) reads that cache, never writes."""
+    cache_file = store / ".cache" / "base-digests.json"
+    try:
+        known = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    entries, changed = [], False
+    for f in sorted(p for p in base_dir.rglob("*") if p.is_file() and p.name.endswith(_BASE_FILES)):
+        st = f.stat()
+        stamp = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        sha = known.get(stamp)
+        if sha is None:
+            sha, changed = _sha256(f), True
+            known[stamp] = sha
+        entries.append(f"{f.relative_to(base_dir).as_posix()} {sha}")
+    if changed and persist:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, cache_file)
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100 * 1024 * 1024:
+            raise ValueError(f"{path.name}: not a safetensors file")
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def base_shapes(base_dir: Path) -> dict[str, list[int]]:
+    """Weight name -> shape of the base model, from its safetensors headers (no weights read)."""
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(base_dir.glob("*.safetensors")):
+        shapes.update(_safetensors_shapes(f))
+    return shapes
+
+
+def check_base(model: str, base_dir: Path, adapter_dir: Path) -> dict[str, Any]:
+    """Refuse (BaseMismatch, one line) a base model directory the adapter cannot apply to:
+    missing, no config.json/safetensors, or a LoRA module whose in/out features differ from the
+    base weight's shape (another hidden size, another model). Returns the base's config.json."""
+    if not base_dir.is_dir():
+        raise BaseMismatch(
+            f"model {model}: base model directory {base_dir} does not exist",
+            f"set models.{model}.base_dir to the base model (Hugging Face layout) on this machine",
+        )
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        shapes = base_shapes(base_dir)
+    except (OSError, ValueError) as exc:
+        raise BaseMismatch(
+            f"model {model}: base model directory {base_dir} is unreadable: {exc}",
+            "it must hold config.json and *.safetensors (Hugging Face layout)",
+        ) from None
+    if not shapes:
+        raise BaseMismatch(
+            f"model {model}: base model directory {base_dir} holds no *.safetensors weights",
+            "point base_dir at the Hugging Face model directory (config.json + *.safetensors)",
+        )
+    lora = _safetensors_shapes(adapter_dir / "adapter_model.safetensors")
+    for name, shape in sorted(lora.items()):
+        if ".lora_A." not in name:
+            continue
+        module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+        weight = shapes.get(module + ".weight")
+        b_shape = lora.get(name.replace(".lora_A.", ".lora_B."))
+        if weight is None:
+            raise BaseMismatch(
+                f"model {model}: the adapter changes {module}, which base model {base_dir} does not have "
+                f"(a different model?)",
+                "set base_dir to the model the adapter was trained on",
+            )
+        want = [b_shape[0] if b_shape else weight[0], shape[1]]  # (out_features, in_features)
+        if list(weight[:2]) != want:
+            raise BaseMismatch(
+                f"model {model}: base model {base_dir} does not match the adapter: {module} is "
+                f"{weight[0]}×{weight[1]} in the base, the LoRA expects {want[0]}×{want[1]} "
+                f"(hidden_size {config.get('hidden_size')} in the base)",
+                "set base_dir to the model the adapter was trained on",
+            )
+    return config
+
+
+# -- running ----------------------------------------------------------------------------------
+Builder = Callable[[Job, Path, Callable[[str], None]], dict[str, Any]]
+
+
+def _builders() -> dict[str, Builder]:
+    from adapterctl.convert import gguf, mlx
+
+    return {
+        "adapter": mlx.build_adapter,
+        "fused": mlx.build_fused,
+        "merged": gguf.build_merged,
+        "lora": gguf.build_lora,
+    }
+
+
+def passthrough(job: Job) -> Artifact:
+    files = dict(job.source_files)
+    size = sum((job.source_dir / f).stat().st_size for f in files)
+    return Artifact(None, job.source_dir, files, size, {"format": "peft", "kind": job.spec.kind})
+
+
+def run(job: Job, cache: Cache, progress: Callable[[str], None] = lambda line: None) -> tuple[Artifact, str]:
+    """The artifact for `job`: from the cache when intact, else built, fidelity-checked and cached.
+
+    Returns (artifact, how) with how one of "passthrough", "cached", "built", "rebuilt: <why>".
+    """
+    if job.spec.passthrough:
+        return passthrough(job), "passthrough"
+    key = job.key()
+    artifact, damaged = cache.lookup(key)
+    if artifact is not None:
+        return artifact, "cached"
+    if damaged:
+        progress(f"conversion cache entry {key} is damaged ({damaged}): removed, rebuilding")
+    from adapterctl.convert import fidelity
+
+    started = time.monotonic()
+    scratch = cache.scratch(key)
+    try:
+        out = scratch / "out"
+        out.mkdir()
+        meta = _builders()[job.spec.format](job, out, progress)
+        meta.update(
+            kind=job.spec.kind,
+            format=job.spec.format,
+            quant=job.spec.quant,
+            model=job.model,
+            version=job.version,
+            base_digest=job.base_digest,
+            tools=tool_versions(job.spec),
+        )
+        meta["fidelity"] = fidelity.check(job, out, meta, scratch, progress)
+        meta.pop("_paths", None)  # the builder's intermediates (unquantized GGUF, base GGUF) in scratch
+        meta["seconds"] = round(time.monotonic() - started, 2)
+        artifact = cache.publish(key, out, meta)
+    except AdapterctlError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConversionError(
+            f"model {job.model} {job.version}: {job.spec.label} conversion failed: "
+            f"{type(exc).__name__}: {exc}",
+            "rerun with --debug for the converter's output",
+        ) from exc
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return artifact, f"rebuilt ({damaged})" if damaged else "built"
+
+
+def usage_for_format(kind: str, fmt: str) -> None:
+    if fmt not in FORMATS[kind]:
+        raise UsageError(f"format {fmt!r} is not one of {kind}'s: {', '.join(FORMATS[kind])}")
+
+
+def spec_for(model: Any, ep: Any) -> ConvertSpec:
+    """The conversion `ep` (config.EndpointConfig) wants for `model` (config.ModelConfig): the
+    endpoint's `convert`, else the model's for the endpoint's kind, else the kind's default."""
+    kind = ep.kind
+    layers = [s for s in (ep.convert, model.convert.get(kind)) if s is not None]
+    fmt = next((s.format for s in layers if s.format), DEFAULT_FORMAT[kind])
+    quant = next((s.quant for s in layers if s.quant), None)
+    fidelity = next((s.fidelity for s in layers if s.fidelity is not None), True)
+    quant = (quant or DEFAULT_QUANT) if fmt == "merged" else None
+    return ConvertSpec(kind, fmt, quant, fidelity)
+
+
+def fidelity_spec(model: Any, config_dir: Path) -> FidelitySpec:
+    """The fidelity check's cases and prompt, from the model's health config (config.ModelConfig):
+    its suite's inputs, and the mlx/llamacpp engines' prompt_template and max_tokens."""
+    from adapterctl.health import resolve_suite
+
+    health = model.health
+    if health is None or health.suite == "none":
+        return FidelitySpec()
+    suite = resolve_suite(health.suite, config_dir)
+    if suite is None:
+        return FidelitySpec()
+    return FidelitySpec(
+        tuple(c.input for c in suite.cases),
+        suite,
+        health.prompt_template or "{input}\n",
+        health.max_tokens or 64,
+    )
