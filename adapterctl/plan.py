@@ -404,9 +404,9 @@ def _endpoint_steps(
             Step(
                 "health-check",
                 "health",
-                _health_summary(model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)")
+                _health_summary(model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)", ep)
                 if health_local
-                else _health_summary(model_cfg, f"releases/{t.version_id}"),
+                else _health_summary(model_cfg, f"releases/{t.version_id}", ep),
                 **base,
                 args=(("local", str(conv.src) if conv.src else "@artifact"), ("key", conv.key))
                 if health_local
@@ -450,7 +450,7 @@ def _endpoint_steps(
             Step(
                 "verify",
                 "verify",
-                _health_summary(model_cfg, "the live `active` release")
+                _health_summary(model_cfg, "the live `active` release", ep)
                 + f"; on failure roll back by itself: active → {restore_a or '(none)'}, "
                 f"previous → {old_p or '(none)'}, reload again",
                 **base,
@@ -544,7 +544,28 @@ def _check_base_gguf(ep: EndpointConfig, facts: Mapping[str, Any], model: str, b
         )
 
 
-def _health_summary(model_cfg: Any, where: str) -> str:
+def _engine_text(model_cfg: Any, ep: EndpointConfig | None) -> str:
+    """How the model's health engine runs on `ep`: the command, or the model engine and its files."""
+    from dataclasses import asdict
+
+    h = model_cfg.health
+    if h.engine == "command":
+        return f"command `{' '.join(h.command or ())}`"
+    if ep is None:
+        return h.engine
+    from adapterctl.convert import spec_for
+    from adapterctl.health import make_engine
+    from adapterctl.health.engines import spec_for_endpoint
+
+    base_gguf = ep.base_gguf.path if ep.base_gguf else None
+    spec = spec_for_endpoint(asdict(h), ep.kind, spec_for(model_cfg, ep).format, base_gguf)
+    try:
+        return make_engine(spec).describe()
+    except AdapterctlError as exc:
+        return f"{spec.get('engine')} (cannot run: {exc.message})"
+
+
+def _health_summary(model_cfg: Any, where: str, ep: EndpointConfig | None = None) -> str:
     h = model_cfg.health
     if h is None or h.suite == "none":
         return f"health-check {where}: no suite configured for {model_cfg.name} (structural checks only)"
@@ -554,13 +575,12 @@ def _health_summary(model_cfg: Any, where: str) -> str:
                 f"health-check {where}: skipped — the http engine sees only the live service (runs at verify)"
             )
         return f"health-check {where}: suite {h.suite} via http POST {h.url}"
-    command = " ".join(h.command or ()) or "(no command)"
     identity = (
         f"; discriminator {h.discriminator!r} must differ from the base model's answer"
         if h.discriminator and where == "the live `active` release"
         else ""
     )
-    return f"health-check {where}: suite {h.suite} via {h.engine} `{command}`{identity}"
+    return f"health-check {where}: suite {h.suite} via {_engine_text(model_cfg, ep)}{identity}"
 
 
 def _prune_list(mf: Mapping[str, Any], new: str, new_previous: str | None, keep: int) -> list[str]:
@@ -726,7 +746,7 @@ def plan_rollback(
                 verify = Step(
                     "verify",
                     "verify",
-                    _health_summary(cfg.models[model], "the live `active` release")
+                    _health_summary(cfg.models[model], "the live `active` release", ep)
                     + " (report only: a manual rollback is not undone by itself)",
                     **base,
                     args=(("report_only", True),),

@@ -191,7 +191,19 @@ def dist_version(name: str) -> str | None:
 
 def tool_versions(spec: ConvertSpec) -> dict[str, str | None]:
     names = TOOLS.get(spec.format, ()) + (FIDELITY_TOOLS.get(spec.format, ()) if spec.fidelity else ())
-    return {"adapterctl-converter": CONVERTER_VERSION} | {n: dist_version(n) for n in names}
+    out = {"adapterctl-converter": CONVERTER_VERSION} | {n: dist_version(n) for n in names}
+    if spec.format in ("merged", "lora"):  # llama.cpp's converter scripts, wherever they were put
+        out["llama_cpp_tools"] = _llama_cpp_tools_digest()
+    return out
+
+
+def _llama_cpp_tools_digest() -> str | None:
+    from adapterctl.convert import gguf
+
+    try:
+        return gguf.converter_info(gguf.tools_dir())["convert_hf_to_gguf"].get("scripts_sha256")
+    except AdapterctlError:
+        return None  # no tools: the conversion itself fails with the fix
 
 
 def cache_key(job: Job) -> str:

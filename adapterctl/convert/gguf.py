@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,149 @@ def build_lora(job: Job, out: Path, progress: Progress) -> dict[str, Any]:
         "stage_seconds": seconds,
         "_paths": {"base_gguf": str(base)},
     }
+
+
+# -- comparing GGUFs --------------------------------------------------------------------------
+# ggml type id -> (elements per block, bytes per block), as gguf-py's GGML_QUANT_SIZES
+# (tests/test_convert_gguf.py checks the two agree). A type missing here is sized by its extent:
+# the bytes up to the next tensor's data (or the end of the file).
+_K = 256
+GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+    9: (32, 36), 10: (_K, 2 + 2 + _K // 16 + _K // 4), 11: (_K, 2 + _K // 4 + _K // 8 + 12),
+    12: (_K, 2 + 2 + _K // 2 + 12), 13: (_K, 2 + 2 + _K // 2 + _K // 8 + 12),
+    14: (_K, 2 + _K // 2 + _K // 4 + _K // 16), 15: (_K, 4 + _K + _K // 8), 16: (_K, 2 + _K // 4),
+    17: (_K, 2 + _K // 4 + _K // 32), 18: (_K, 2 + _K // 4 + _K // 8), 19: (_K, 2 + _K // 8 + _K // 16),
+    20: (32, 18), 21: (_K, 2 + _K // 4 + _K // 8 + _K // 32 + 4), 22: (_K, 2 + _K // 4 + _K // 16),
+    23: (_K, 2 + 2 + _K // 2 + _K // 64), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (_K, _K // 8 + _K // 16 + _K // 32), 30: (1, 2), 34: (_K, 2 + 4 * 13), 35: (_K, 2 + 64),
+    39: (32, 17),
+}  # fmt: skip
+_GGUF_SCALAR = {  # GGUF metadata value type -> struct format (8 string and 9 array are read apart)
+    0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d",
+}  # fmt: skip
+_COMPARE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a GGUF file: ggml type id, shape (GGUF order), where its data is."""
+
+    name: str
+    type: int
+    shape: tuple[int, ...]
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of GGUF file `path` (v2/v3), by name, from its header only (no data read).
+
+    Raises ValueError for a file that is not a GGUF v2/v3 or whose header is truncated."""
+    import struct
+
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> str:
+            n = read("<Q")
+            if n > 1 << 24:
+                raise ValueError(f"{path}: implausible string length {n} in the GGUF header")
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def value(vtype: int) -> Any:
+            if vtype in _GGUF_SCALAR:
+                return read(_GGUF_SCALAR[vtype])
+            if vtype == 8:
+                return string()
+            if vtype == 9:
+                etype, count = read("<I"), read("<Q")
+                if etype in _GGUF_SCALAR:
+                    f.seek(struct.calcsize(_GGUF_SCALAR[etype]) * count, 1)
+                else:
+                    for _ in range(count):
+                        value(etype)
+                return None
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        version = read("<I")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = read("<Q"), read("<Q")
+        alignment = 32
+        for _ in range(n_kv):
+            key = string()
+            val = value(read("<I"))
+            if key == "general.alignment" and isinstance(val, int) and val > 0:
+                alignment = val
+        raw = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(read("<Q") for _ in range(read("<I")))
+            raw.append((name, shape, read("<I"), read("<Q")))
+        start = -(-f.tell() // alignment) * alignment  # the data section starts aligned
+        end = max(f.seek(0, os.SEEK_END), start)
+    extents = sorted({offset for *_, offset in raw} | {end - start})
+    infos = {}
+    for name, shape, ggml_type, offset in raw:
+        elements = 1
+        for d in shape:
+            elements *= d
+        if ggml_type in GGML_TYPE_SIZES:
+            block, size = GGML_TYPE_SIZES[ggml_type]
+            nbytes = elements * size // block
+        else:  # an unknown (newer) type: everything up to the next tensor
+            nbytes = next(e for e in extents if e > offset) - offset
+        infos[name] = TensorInfo(name, ggml_type, shape, start + offset, nbytes)
+    return infos
+
+
+def tensor_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (absolute data offset in the file, data bytes) of GGUF file `path`.
+
+    Raises ValueError for a file that is not a GGUF v2/v3."""
+    return {name: (t.offset, t.nbytes) for name, t in tensor_infos(path).items()}
+
+
+def changed_tensor_bytes(old: Path, new: Path) -> int:
+    """Total data bytes of the tensors of `new` whose bytes differ from the same-named tensor of
+    `old`; a tensor only in `new`, or with another type or shape there, counts fully. Tensor
+    data is compared through read-only memory maps, 1 MiB at a time.
+
+    Raises ValueError when either file is not a GGUF v2/v3; OSError when one cannot be read."""
+    import mmap
+
+    before, after = tensor_infos(old), tensor_infos(new)
+    changed = 0
+    with open(old, "rb") as fo, open(new, "rb") as fn:
+        # both are non-empty: tensor_infos read their headers
+        mo = mmap.mmap(fo.fileno(), 0, access=mmap.ACCESS_READ)
+        mn = mmap.mmap(fn.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            for name, t in after.items():
+                was = before.get(name)
+                if was is None or (was.type, was.shape, was.nbytes) != (t.type, t.shape, t.nbytes):
+                    changed += t.nbytes
+                    continue
+                if was.offset + was.nbytes > len(mo) or t.offset + t.nbytes > len(mn):
+                    raise ValueError(f"tensor {name}'s data runs past the end of {old} or {new}")
+                for at in range(0, t.nbytes, _COMPARE_CHUNK):
+                    n = min(_COMPARE_CHUNK, t.nbytes - at)
+                    if mo[was.offset + at : was.offset + at + n] != mn[t.offset + at : t.offset + at + n]:
+                        changed += t.nbytes
+                        break
+        finally:
+            mo.close()
+            mn.close()
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
