@@ -318,7 +318,7 @@ def convert_versions(
     from adapterctl.plan import plan_convert
 
     opts = opts or RunOptions()
-    eps = select_endpoints(cfg, endpoints)
+    eps = select_endpoints(cfg, endpoints or ["all"])
     names = [cfg.model(m).name for m in models]
     if version is not None:
         targets = resolve_targets(cfg, names, None, version, opts.clock)

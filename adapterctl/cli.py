@@ -171,6 +171,9 @@ def _print_report(report, as_json: bool) -> None:
     if report.dry_run:
         render_plan(report.plan, out, True)
         return
+    if report.plan.kind == "convert":
+        _print_conversions(report)
+        return
     table = Table(title=f"{report.plan.kind} {report.plan.deployment_id}")
     for col in ("endpoint", "model", "version", "status", "phases", "sent", "detail"):
         table.add_column(col, overflow="fold")
@@ -203,6 +206,38 @@ def _print_report(report, as_json: bool) -> None:
             out.print(f"{o.endpoint}/{o.model}: {o.error}", markup=False)
     for note in report.plan.notes:
         out.print(note, markup=False)
+
+
+def _print_conversions(report) -> None:
+    from adapterctl.plan import human_bytes
+
+    table = Table(title=f"convert {report.plan.deployment_id}")
+    for col in ("endpoint", "model", "version", "artifact", "result", "size", "fidelity", "cache entry"):
+        table.add_column(col, overflow="fold")
+    for o in report.outcomes:
+        art = o.artifact or {}
+        fid = art.get("fidelity") or {}
+        if fid.get("checked"):
+            fidelity = "; ".join(
+                f"{r['artifact']}: {r['identical']}/{fid['cases']} identical, suite "
+                + ("passed" if r["suite_passed"] else "FAILED")
+                for r in fid.get("results", [])
+            )
+        else:
+            fidelity = fid.get("reason", "")
+        what = " ".join(str(art[k]) for k in ("format", "quant") if art.get(k)) or "PEFT as is"
+        size = human_bytes(art["size_bytes"]) if art else ""
+        table.add_row(
+            o.endpoint,
+            o.model,
+            o.version,
+            what,
+            o.convert or o.status,
+            size,
+            o.error or fidelity,
+            art.get("dir", ""),
+        )
+    out.print(table)
 
 
 def _run(fn, *args, **kwargs) -> Any:
@@ -350,7 +385,15 @@ def deploy(
 def convert(
     models: ModelsOpt = None,
     all_adapters: Annotated[bool, typer.Option("--all-adapters", help="Every model in the config.")] = False,
-    endpoints: EndpointsOpt = None,
+    endpoints: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--endpoints",
+            "-e",
+            help="Convert for these endpoints' kinds and settings (default: every endpoint).",
+            show_default=False,
+        ),
+    ] = None,
     version: Annotated[
         str | None, typer.Option(help="Convert this registered version (default: each model's newest).")
     ] = None,

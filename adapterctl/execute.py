@@ -89,6 +89,7 @@ class Outcome:
     swapped: tuple[str | None, str | None] | None = None  # links to restore if a deploy fails after swap
     restarted: bool = False  # reload_method restart: the service manager restarted the service
     convert: str | None = None  # peft | cached | built | rebuilt (...): what the convert step did
+    artifact: dict[str, Any] | None = None  # the converted artifact's manifest record, with its dir
 
     @property
     def done(self) -> bool:
@@ -131,6 +132,7 @@ class _Run:
         self.artifacts: dict[str, Any] = {}  # conversion key -> convert.Artifact built or verified here
         self.convert_locks: dict[str, threading.Lock] = {}  # one conversion per key at a time
         self.convert_guard = threading.Lock()
+        self.convert_failed: dict[str, AdapterctlError] = {}  # key -> why: other endpoints do not retry
         self.manifest = None  # read on first use, after the version steps have registered
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -362,6 +364,8 @@ class _Run:
         with lock:
             artifact = self.artifacts.get(key)
             how = "cached"
+            if key in self.convert_failed:
+                raise self.convert_failed[key]
             if artifact is None:
                 m = self.cfg.models[step.model]
                 target = next(t for t in self.plan.targets if t.model == step.model)
@@ -387,6 +391,7 @@ class _Run:
                 self.artifacts[key] = artifact
                 self.record_artifact(step, artifact)
         out.convert = how
+        out.artifact = artifact.record() | {"dir": str(artifact.dir)}
         fid = artifact.meta.get("fidelity") or {}
         checked = (
             "; fidelity "
@@ -400,7 +405,7 @@ class _Run:
         self.say(
             step,
             f"convert: {step.arg('spec').label} {how} ({human_bytes(artifact.size_bytes)}, "
-            f"{len(artifact.files)} files){checked}",
+            f"{len(artifact.files)} file{'s' * (len(artifact.files) != 1)}){checked}",
         )
 
     def record_artifact(self, step: Step, artifact: Any) -> None:
@@ -744,7 +749,11 @@ class _Run:
         ep = self.cfg.endpoints[step.endpoint]
         fmt = convert.spec_for(self.cfg.models[step.model], ep).format
         base_gguf = ep.base_gguf.path if ep.base_gguf else None
-        return spec_for_endpoint(asdict(self.cfg.models[step.model].health), ep.kind, fmt, base_gguf)
+        m = self.cfg.models[step.model]
+        spec = spec_for_endpoint(asdict(m.health), ep.kind, fmt, base_gguf)
+        if step.arg("local") and spec.get("engine") == "mlx" and fmt != "fused" and m.base_dir:
+            spec["base"] = str(m.base_dir)  # --health-local: the base model on this machine
+        return spec
 
     def health(self, step: Step, where: str) -> dict[str, Any] | None:
         from adapterctl.health import make_engine, resolve_suite, run_suite

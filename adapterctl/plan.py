@@ -136,7 +136,7 @@ class ConvertPlanner:
         return self.bases[model]
 
     def plan(self, t: Target, ep: EndpointConfig) -> Conversion:
-        from adapterctl.convert import Job, spec_for
+        from adapterctl.convert import Job, fidelity_spec, spec_for
 
         m = self.cfg.models[t.model]
         spec = spec_for(m, ep)
@@ -145,7 +145,8 @@ class ConvertPlanner:
         base_dir, digest, _ = (
             self.base(t.model, t, spec, ep) if (spec.needs_base or spec.fidelity) else (None, None, None)
         )
-        job = Job(t.model, t.version_id, spec, t.store_dir, dict(t.files), base_dir, digest)
+        fidelity = fidelity_spec(m, self.cfg.path.parent)
+        job = Job(t.model, t.version_id, spec, t.store_dir, dict(t.files), base_dir, digest, fidelity)
         key = job.key()
         doc = self.cache.peek(key)
         if doc is not None:
@@ -343,6 +344,13 @@ def _endpoint_steps(
         steps.append(step)
         files = dict(conv.files) if conv.files is not None else None
         what = f"{len(files)} files" if files is not None else f"the {conv.spec.label} files"
+        if release and release["complete"] and files is not None and set(release["files"]) != set(files):
+            raise UsageError(
+                f"endpoint {ep.name}: releases/{t.version_id} of {t.model} holds other files "
+                f"({', '.join(sorted(release['files']))}) than its {conv.spec.label} "
+                f"({', '.join(sorted(files))}): the conversion setting changed since it was deployed",
+                "deploy a new cycle, or remove that release there if it is not active",
+            )
         if release and release["complete"]:
             steps.append(
                 Step(
@@ -404,7 +412,9 @@ def _endpoint_steps(
             Step(
                 "health-check",
                 "health",
-                _health_summary(model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)", ep)
+                _health_summary(
+                    model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)", ep
+                )
                 if health_local
                 else _health_summary(model_cfg, f"releases/{t.version_id}", ep),
                 **base,

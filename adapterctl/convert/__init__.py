@@ -68,7 +68,13 @@ TOOLS = {  # distributions whose version enters the cache key, per format
     "merged": ("torch", "transformers", "peft", "llama_cpp_python"),
     "lora": ("torch", "transformers", "peft", "llama_cpp_python"),
 }
-FIDELITY_TOOLS = {"adapter": ("mlx", "mlx-lm"), "fused": ("mlx", "mlx-lm")}
+_REFERENCE = ("torch", "transformers", "peft")  # the fidelity check's PEFT original
+FIDELITY_TOOLS = {
+    "adapter": (*_REFERENCE, "mlx", "mlx-lm"),
+    "fused": (*_REFERENCE, "mlx", "mlx-lm"),
+    "merged": ("llama_cpp_python",),
+    "lora": ("llama_cpp_python",),
+}
 
 
 class ConversionError(AdapterctlError):
@@ -77,6 +83,8 @@ class ConversionError(AdapterctlError):
 
 class FidelityFailed(HealthCheckFailed):
     """The converted artifact does not behave like the PEFT original (exit 4, active untouched)."""
+
+    report: dict | None = None  # the fidelity record, set by fidelity.check
 
 
 class BaseMismatch(UsageError):
@@ -211,7 +219,8 @@ def cache_key(job: Job) -> str:
         "files": dict(sorted(job.source_files.items())),
         "base": job.base_digest,
         "spec": job.spec.params(),
-        "fidelity": job.spec.fidelity,
+        "fidelity": job.spec.fidelity
+        and [list(job.fidelity.inputs), job.fidelity.prompt_template, job.fidelity.max_tokens],
         "tools": tool_versions(job.spec),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

@@ -552,16 +552,16 @@ def tensor_sizes(path: Path) -> dict[str, tuple[int, int]]:
     return {name: (t.offset, t.nbytes) for name, t in tensor_infos(path).items()}
 
 
-def changed_tensor_bytes(old: Path, new: Path) -> int:
-    """Total data bytes of the tensors of `new` whose bytes differ from the same-named tensor of
-    `old`; a tensor only in `new`, or with another type or shape there, counts fully. Tensor
+def changed_tensors(old: Path, new: Path) -> dict[str, int]:
+    """Name -> data bytes of each tensor of `new` whose bytes differ from the same-named tensor of
+    `old`; a tensor only in `new`, or with another type or shape there, is listed whole. Tensor
     data is compared through read-only memory maps, 1 MiB at a time.
 
     Raises ValueError when either file is not a GGUF v2/v3; OSError when one cannot be read."""
     import mmap
 
     before, after = tensor_infos(old), tensor_infos(new)
-    changed = 0
+    changed: dict[str, int] = {}
     with open(old, "rb") as fo, open(new, "rb") as fn:
         # both are non-empty: tensor_infos read their headers
         mo = mmap.mmap(fo.fileno(), 0, access=mmap.ACCESS_READ)
@@ -570,19 +570,27 @@ def changed_tensor_bytes(old: Path, new: Path) -> int:
             for name, t in after.items():
                 was = before.get(name)
                 if was is None or (was.type, was.shape, was.nbytes) != (t.type, t.shape, t.nbytes):
-                    changed += t.nbytes
+                    changed[name] = t.nbytes
                     continue
                 if was.offset + was.nbytes > len(mo) or t.offset + t.nbytes > len(mn):
                     raise ValueError(f"tensor {name}'s data runs past the end of {old} or {new}")
                 for at in range(0, t.nbytes, _COMPARE_CHUNK):
                     n = min(_COMPARE_CHUNK, t.nbytes - at)
                     if mo[was.offset + at : was.offset + at + n] != mn[t.offset + at : t.offset + at + n]:
-                        changed += t.nbytes
+                        changed[name] = t.nbytes
                         break
         finally:
             mo.close()
             mn.close()
     return changed
+
+
+def changed_tensor_bytes(old: Path, new: Path) -> int:
+    """Total data bytes of the tensors of `new` whose bytes differ from `old` (see changed_tensors):
+    what a delta transfer of `new` against `old` cannot avoid sending.
+
+    Raises ValueError when either file is not a GGUF v2/v3; OSError when one cannot be read."""
+    return sum(changed_tensors(old, new).values())
 
 
 def main(argv: list[str] | None = None) -> int:
