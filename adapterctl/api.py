@@ -297,7 +297,6 @@ def deploy(
             canary=canary,
             allow_outage=opts.allow_outage,
             health_local=opts.health_local,
-            persist=not opts.dry_run,
         ),
         opts,
     )
@@ -333,7 +332,7 @@ def convert_versions(
                     f"register one first: adapterctl register --model {m} --cycle N (or deploy --cycle N)",
                 )
             targets.append(_target_from_entry(cfg, m, entry))
-    plan = plan_convert(cfg, new_deployment_id(opts.clock), targets, eps, persist=not opts.dry_run)
+    plan = plan_convert(cfg, new_deployment_id(opts.clock), targets, eps)
     if not plan.steps:
         raise UsageError(f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(names)}")
     if opts.dry_run:

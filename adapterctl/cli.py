@@ -159,6 +159,13 @@ def _report_json(report) -> dict[str, Any]:
     }
 
 
+def _add_row(table: Table, *cells: Any) -> None:
+    """A table row of plain text: brackets in errors and hints (`pip install '.[gguf]'`) are not markup."""
+    from rich.text import Text
+
+    table.add_row(*(Text(str(c)) if c is not None else None for c in cells))
+
+
 def _short(text: str | None, width: int = 80) -> str:
     first = (text or "").split("\n", 1)[0]
     return first if len(first) <= width and first == (text or "") else first[: width - 1] + "…"
@@ -186,7 +193,8 @@ def _print_report(report, as_json: bool) -> None:
             o.model,
         ),
     ):
-        table.add_row(
+        _add_row(
+            table,
             o.endpoint,
             o.model,
             o.version or "-",
@@ -198,7 +206,7 @@ def _print_report(report, as_json: bool) -> None:
             else (f"convert: {o.convert}" if o.convert not in (None, "peft") else ""),
         )
     for ep, _m, why in report.plan.blocked:
-        table.add_row(ep, "-", "-", "failed", "", "", why)
+        _add_row(table, ep, "-", "-", "failed", "", "", why)
     if report.outcomes or report.plan.blocked:
         out.print(table)
     for o in report.outcomes:
@@ -227,7 +235,8 @@ def _print_conversions(report) -> None:
             fidelity = fid.get("reason", "")
         what = " ".join(str(art[k]) for k in ("format", "quant") if art.get(k)) or "PEFT as is"
         size = human_bytes(art["size_bytes"]) if art else ""
-        table.add_row(
+        _add_row(
+            table,
             o.endpoint,
             o.model,
             o.version,
@@ -485,9 +494,10 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(col, overflow="fold")
     for r in rows:
         if r.get("error"):
-            table.add_row(r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", "see below")
+            _add_row(table, r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", "see below")
             continue
-        table.add_row(
+        _add_row(
+            table,
             r["endpoint"],
             r["model"],
             r["kind"],
@@ -520,7 +530,7 @@ def doctor(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         for col in ("endpoint", "check", "result", "detail", "fix"):
             table.add_column(col, overflow="fold")
         for c in checks:
-            table.add_row(c.endpoint, c.name, c.result, c.detail, c.fix)
+            _add_row(table, c.endpoint, c.name, c.result, c.detail, c.fix)
         out.print(table)
     raise typer.Exit(1 if any(c.result == "FAIL" for c in checks) else 0)
 
@@ -543,7 +553,8 @@ def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
     for v in rows:
         metrics = v.get("training_metrics")
         loss = metrics.get("final_loss") if isinstance(metrics, dict) else None
-        table.add_row(
+        _add_row(
+            table,
             v["model"],
             v["version_id"],
             v["created"],
@@ -600,7 +611,8 @@ def log_(
     for col in ("time", "action", "endpoint", "model", "version", "status", "phases", "detail"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(
+        _add_row(
+            table,
             r.get("timestamp", ""),
             r.get("action", ""),
             r.get("endpoint", "") or "",

@@ -534,8 +534,8 @@ def _convert_setting(r: _Reader, node: Node, path: str, kinds: tuple[str, ...]) 
                 f"format {fmt!r} is not one for kind {kind}; expected one of: {', '.join(FORMATS[kind])}"
                 + _suggest(fmt, FORMATS[kind]),
             )
-    if "quant" in values and fmt not in (None, "merged"):
-        raise r.error(nodes["quant"], f"{path}.quant", "only used with format: merged")
+    if "quant" in values and (fmt not in (None, "merged") or any("merged" not in FORMATS[k] for k in kinds)):
+        raise r.error(nodes["quant"], f"{path}.quant", "only used with format: merged (kind gguf)")
     return ConvertSetting(**values)
 
 

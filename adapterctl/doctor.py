@@ -157,6 +157,68 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
     return checks
 
 
+def convert_checks(cfg: Config, eps: list[str]) -> list[Check]:
+    """What the convert phase needs on this machine for each (endpoint, model), by package metadata
+    (nothing heavy is imported): base_dir, the extras, llama.cpp's converter scripts."""
+    from adapterctl.convert import ConversionError, dist_version, spec_for
+
+    checks: list[Check] = []
+    seen: set[tuple] = set()
+    for name in eps:
+        ep = cfg.endpoints[name]
+        for m in (m for m in cfg.models.values() if ep.serves(m.name)):
+            spec = spec_for(m, ep)
+            if spec.passthrough or (m.name, spec) in seen:
+                continue
+            seen.add((m.name, spec))
+            what = f"convert {m.name}: {spec.label}"
+            problems: list[tuple[str, str]] = []
+            if m.base_dir is None or not m.base_dir.is_dir():
+                problems.append(
+                    (
+                        f"base_dir {m.base_dir or '(not set)'} is not a directory",
+                        f"set models.{m.name}.base_dir to the base model (Hugging Face layout) here",
+                    )
+                )
+            needs = (
+                ["torch", "transformers", "peft"]
+                if spec.format in ("merged", "lora") or spec.fidelity
+                else []
+            )
+            if spec.format in ("merged", "lora"):
+                needs.append("llama_cpp_python")
+            if spec.fidelity and spec.kind == "mlx":
+                needs.append("mlx-lm")
+            missing = [n for n in needs if dist_version(n) is None]
+            if missing:
+                extra = (
+                    "gguf" if "llama_cpp_python" in missing else "mlx" if "mlx-lm" in missing else "convert"
+                )
+                problems.append(
+                    (
+                        f"not installed here: {', '.join(missing)}",
+                        f"pip install -e '.[{extra}]'"
+                        + (" and run scripts/build-llama-cpp-wheel" if extra == "gguf" else "")
+                        + ("" if spec.fidelity is False else " (or set fidelity: false)"),
+                    )
+                )
+            if spec.format in ("merged", "lora") and "llama_cpp_python" not in missing:
+                from adapterctl.convert import gguf
+
+                try:
+                    gguf.tools_dir()
+                except ConversionError as exc:
+                    problems.append((exc.message, exc.hint or ""))
+            if problems:
+                for detail, fix in problems:
+                    checks.append(Check(name, what, "FAIL", detail, fix))
+            else:
+                checks.append(
+                    Check(name, what, "ok", f"base {m.base_dir}; {', '.join(needs) or 'numpy only'}")
+                )
+    return checks
+
+
 def doctor(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[Check]:
     """All checks for the selected endpoints (in parallel), in endpoint order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -171,6 +233,6 @@ def doctor(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[Check]:
             results = pool.map(
                 lambda n: check_endpoint(cfg, cfg.endpoints[n], session.transports[n], manifest), eps
             )
-            return [c for group in results for c in group]
+            return [c for group in results for c in group] + convert_checks(cfg, eps)
     finally:
         session.close()

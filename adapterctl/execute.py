@@ -370,6 +370,14 @@ class _Run:
                 m = self.cfg.models[step.model]
                 target = next(t for t in self.plan.targets if t.model == step.model)
                 base_dir = step.arg("base_dir")
+                # the base's file hashes are cached here (planning writes nothing); it must not have changed
+                if base_dir and convert.base_digest(Path(base_dir), self.cfg.store) != step.arg(
+                    "base_digest"
+                ):
+                    raise PhaseError(
+                        f"{step.model}: base model {base_dir} changed since the plan was made",
+                        "run the command again",
+                    )
                 job = convert.Job(
                     step.model,
                     step.version,

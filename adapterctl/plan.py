@@ -109,12 +109,13 @@ def _estimate(spec: Any, t: Target, base_dir: Path | None) -> int:
 
 class ConvertPlanner:
     """Conversions for a plan: the base model checked once per model, cache entries peeked (not
-    verified: the convert step re-hashes them), digests cached only when `persist` (not a dry run)."""
+    verified: the convert step re-hashes them). Planning writes nothing: the base model's digest
+    cache is written by the convert step of a real run."""
 
-    def __init__(self, cfg: Config, persist: bool = True):
+    def __init__(self, cfg: Config):
         from adapterctl.convert import Cache
 
-        self.cfg, self.persist = cfg, persist
+        self.cfg = cfg
         self.cache = Cache(cfg.store)
         self.bases: dict[str, tuple[Path, str, dict]] = {}
 
@@ -132,7 +133,7 @@ class ConvertPlanner:
             )
         if model not in self.bases:
             config = check_base(model, m.base_dir, t.source or t.store_dir)
-            self.bases[model] = (m.base_dir, base_digest(m.base_dir, self.cfg.store, self.persist), config)
+            self.bases[model] = (m.base_dir, base_digest(m.base_dir, self.cfg.store, persist=False), config)
         return self.bases[model]
 
     def plan(self, t: Target, ep: EndpointConfig) -> Conversion:
@@ -142,9 +143,8 @@ class ConvertPlanner:
         spec = spec_for(m, ep)
         if spec.passthrough:
             return Conversion(spec, None, dict(t.files), t.store_dir, t.size_bytes)
-        base_dir, digest, _ = (
-            self.base(t.model, t, spec, ep) if (spec.needs_base or spec.fidelity) else (None, None, None)
-        )
+        needed = spec.needs_base or spec.fidelity or m.base_dir is not None  # an MLX adapter pads to it
+        base_dir, digest, _ = self.base(t.model, t, spec, ep) if needed else (None, None, None)
         fidelity = fidelity_spec(m, self.cfg.path.parent)
         job = Job(t.model, t.version_id, spec, t.store_dir, dict(t.files), base_dir, digest, fidelity)
         key = job.key()
@@ -181,11 +181,9 @@ def convert_step(
     return step, conv
 
 
-def plan_convert(
-    cfg: Config, deployment_id: str, targets: list[Target], endpoints: list[str], persist: bool
-) -> Plan:
+def plan_convert(cfg: Config, deployment_id: str, targets: list[Target], endpoints: list[str]) -> Plan:
     """`adapterctl convert`: only the convert steps a deploy of `targets` to `endpoints` would run."""
-    converter = ConvertPlanner(cfg, persist)
+    converter = ConvertPlanner(cfg)
     steps = [
         convert_step(converter, cfg.endpoints[e], t)[0]
         for t in targets
@@ -610,12 +608,9 @@ def plan_deploy(
     canary: str | None = None,
     allow_outage: bool = False,
     health_local: bool = False,
-    persist: bool = True,
 ) -> Plan:
-    """The whole deploy as data: version steps, then per endpoint its locked pipeline.
-
-    `persist` False (a dry run): nothing is written, not even the base-model digest cache."""
-    converter = ConvertPlanner(cfg, persist)
+    """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
+    converter = ConvertPlanner(cfg)
     steps: list[Step] = []
     notes: list[str] = []
     blocked: list[tuple[str, str | None, str]] = []
