@@ -400,15 +400,19 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
 
 
 @op
-def prepare_staging(adapter_dir, model, version, files=None, link_from=None):
+def prepare_staging(adapter_dir, model, version, files=None, link_from=None, drop_partial=False):
     """Create (or keep, for resuming) staging/{id}.tmp and fill in what needs no transfer.
 
     Files whose sha256 equals the same file of release `link_from` (per its RELEASE.json) are
     hard-linked from there; files already complete in staging (an interrupted run) are kept.
+    `drop_partial` removes rsync's partial pieces of an interrupted run: a delta transfer must use
+    the previous release's file as its basis, not a partial one (which would make it send more).
     Returns {'path', 'linked': [...], 'kept': [...], 'send': [...files still to transfer]}.
     """
     path = _staging_dir(adapter_dir, model, version)
     os.makedirs(path, exist_ok=True)
+    if drop_partial and os.path.isdir(os.path.join(path, PARTIAL_DIR)):
+        shutil.rmtree(os.path.join(path, PARTIAL_DIR))
     files = files or {}
     known = {}
     if link_from:

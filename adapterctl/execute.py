@@ -458,6 +458,7 @@ class _Run:
             version=step.version,
             files=files,
             link_from=link,
+            drop_partial=bool(link and step.arg("delta")),
         )
         try:
             board = self.ctx.board

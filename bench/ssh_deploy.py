@@ -21,7 +21,6 @@ Run: python bench/ssh_deploy.py [--size-mb 100] [--models 3] [--no-drop-caches] 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -36,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import load_sshhosts  # noqa: E402
 
 from adapterctl.demo import make_adapter  # noqa: E402
 
@@ -49,14 +48,6 @@ LAYERS, RANK, TARGETS = 32, 64, ("q_proj", "v_proj")
 BYTES_PER_HIDDEN = LAYERS * len(TARGETS) * 2 * RANK * 4
 CLI_TIMEOUT_S = 900
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
-
-
-def load_sshhosts():
-    spec = importlib.util.spec_from_file_location("sshhosts", ROOT / "tests" / "sshhosts.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sshhosts"] = mod  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @dataclass

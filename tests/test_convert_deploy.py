@@ -300,10 +300,20 @@ def test_new_cycle_of_a_merged_gguf_goes_as_a_delta(ws):
     deploy(ws, 1, "linux-1")
     v1 = ws.vid(1, MODEL)
     add_run(ws, "run2", ws.parts["good2"])
-    deploy(ws, 2, "linux-1")
+    ws.cli("register", "--model", MODEL, "--cycle", "2", check=0)
+    ws.cli("convert", "--models", MODEL, "--endpoints", "linux-1", check=0)
     v2 = ws.vid(2, MODEL)
     a1, a2 = artifact_for(ws, v1, "merged"), artifact_for(ws, v2, "merged")
     cache = ws.store / ".cache" / "convert"
+    # same size and same mtime as the previous release's file: rsync's quick check must not skip it
+    old_stat = (cache / a1["key"] / "model.gguf").stat()
+    assert (cache / a2["key"] / "model.gguf").stat().st_size == old_stat.st_size
+    os.utime(cache / a2["key"] / "model.gguf", ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+    # a killed earlier attempt left a partial file: it must not become the delta's basis
+    partial = ws.staging("linux-1", v2, MODEL) / ".rsync-partial" / "model.gguf"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(os.urandom(old_stat.st_size // 2))
+    deploy(ws, 2, "linux-1")
     changed = changed_tensor_bytes(cache / a1["key"] / "model.gguf", cache / a2["key"] / "model.gguf")
     sent = log_of(ws, "linux-1")[-1]["bytes_sent"]
     full = a2["size_bytes"]

@@ -378,6 +378,7 @@ def test_changed_tensor_bytes_counts_changed_new_and_reshaped_tensors_fully(gguf
             "reshaped": np.zeros((8, 4), np.float32),
         },
     )
+    assert convert_gguf.changed_tensors(old, new) == {"added": 40, "edited": 600, "reshaped": 128}
     assert convert_gguf.changed_tensor_bytes(old, new) == 40 + 600 + 128
     assert convert_gguf.changed_tensor_bytes(new, old) == 600 + 128  # a tensor only in `old` is not sent
     assert convert_gguf.changed_tensor_bytes(new, new) == 0

@@ -312,9 +312,7 @@ class SSHTransport(Transport):
 
     def close(self) -> None:
         if self._agent is not None:
-            with contextlib.suppress(Exception):
-                self._agent[0].close()
-            self._agent = None
+            self._close_agent()
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
@@ -377,6 +375,15 @@ class SSHTransport(Transport):
             self._agent = (chan, stdin, stdout)
         return self._agent
 
+    def _close_agent(self) -> None:
+        """Close the agent's channel and its file objects now: paramiko's BufferedFile.__del__ would
+        otherwise flush into the closed channel at exit ("Exception ignored ... closed file")."""
+        chan, stdin, stdout = self._agent
+        self._agent = None
+        for thing in (stdin, stdout, chan):
+            with contextlib.suppress(Exception):
+                thing.close()
+
     def _call_raw(self, request: dict) -> dict:
         with self._lock:
             chan, stdin, stdout = self._agent_channel()
@@ -389,12 +396,11 @@ class SSHTransport(Transport):
                 line, failure = b"", str(exc)
             if line:
                 return json.loads(line.decode())
-            self._agent = None  # the agent is gone: say why; the next call starts a new one
             err = b""
             with contextlib.suppress(Exception):
                 err = chan.makefile_stderr("rb").read()
             rc = chan.recv_exit_status() if chan.exit_status_ready() else -1
-            chan.close()
+            self._close_agent()  # the agent is gone: say why; the next call starts a new one
         if rc == 127 or b"python3: command not found" in err or b"python3: not found" in err:
             raise TransportError(
                 f"endpoint {self.name} ({self.where}): python3 is not installed there",
@@ -460,7 +466,9 @@ class SSHTransport(Transport):
             ssh,
         ]
         if basis:  # delta transfer against the previous release's copy (worth it for mostly-unchanged files)
-            argv += [f"--link-dest={basis}", "--no-whole-file"]
+            # --ignore-times: only files whose sha256 differs are listed, so rsync's size+mtime quick
+            # check must not decide that a same-size, same-second file is the basis's and skip it
+            argv += [f"--link-dest={basis}", "--no-whole-file", "--ignore-times"]
         else:  # retrained weights change in every byte: rsync's delta search would only cost time
             argv.append("--whole-file")
         argv += [f"{src}/", f"{self.spec.alias}:{dest}/"]
