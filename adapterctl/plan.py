@@ -334,7 +334,14 @@ def _endpoint_steps(
     for t in targets:
         mf = facts["models"][t.model]
         if mf["active"] == t.version_id:
-            notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do")
+            conv = converter.plan(t, ep)
+            what = (
+                ""
+                if conv.key is None
+                else f" ({conv.spec.label} {'cached' if conv.cached else 'not in the cache'}; "
+                "nothing is converted or sent)"
+            )
+            notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do{what}")
             continue
         release = next((r for r in mf["releases"] if r["version_id"] == t.version_id), None)
         base = dict(endpoint=ep.name, model=t.model, version=t.version_id)

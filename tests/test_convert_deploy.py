@@ -198,6 +198,24 @@ def test_each_kind_gets_its_own_format_checked_there_and_a_redeploy_converts_and
     assert entry["convert"] == "cached" and entry["bytes_sent"] == 0 and entry["status"] == "success"
 
 
+def test_a_fused_mlx_model_is_the_release_and_passes_there(ws):
+    _config(ws.root, ws.dirs, ws.parts["base"], extra_eps={"mac-1": "    convert: fused\n"})
+    proc = deploy(ws, 1, "mac-1")
+    vid = ws.vid(1, MODEL)
+    art = artifact_for(ws, vid, "fused")
+    assert {"config.json", "model.safetensors"} <= set(art["files"]) and "adapters.safetensors" not in art[
+        "files"
+    ]
+    release_holds(ws, "mac-1", vid, art["files"])
+    assert art["fidelity"]["results"][0]["token_agreement"] == 1.0
+    assert "convert: fused MLX model built" in proc.stderr
+    [entry] = log_of(ws, "mac-1")
+    assert entry["health_check_results"]["pre_activation"]["all_passed"] is True
+    # deploying the active version again: nothing converted or sent, and the plan says why
+    again = deploy(ws, 1, "mac-1")
+    assert "already active" in again.stdout and "fused MLX model cached" in again.stdout
+
+
 def test_a_damaged_cache_entry_is_rebuilt_never_shipped(ws):
     ws.cli("register", "--model", MODEL, "--cycle", "1", check=0)
     vid = ws.vid(1, MODEL)
