@@ -25,8 +25,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from adapterctl import tinymodel  # noqa: E402
-from adapterctl.convert import Cache, ConversionError, ConvertSpec, Job, _sha256, base_digest  # noqa: E402
+from adapterctl.convert import Cache, ConversionError, ConvertSpec, Job, base_digest  # noqa: E402
 from adapterctl.convert import gguf as convert_gguf  # noqa: E402
+from adapterctl.endpoint_ops import sha256_file  # noqa: E402
 
 pytestmark = pytest.mark.heavy
 
@@ -71,7 +72,7 @@ def store(tmp_path_factory) -> Path:
 def _job(
     store: Path, base_dir: Path, adapter_dir: Path, fmt: str = "merged", quant: str | None = None
 ) -> Job:
-    files = {f.name: _sha256(f) for f in sorted(adapter_dir.iterdir()) if f.is_file()}
+    files = {f.name: sha256_file(str(f)) for f in sorted(adapter_dir.iterdir()) if f.is_file()}
     spec = ConvertSpec("gguf", fmt, quant)
     return Job("tiny", "v1", spec, adapter_dir, files, base_dir, base_digest(base_dir, store))
 
@@ -247,7 +248,7 @@ def test_lora_writes_adapter_gguf_and_reuses_the_cached_base_gguf(tiny, store, t
     base = Path(first.meta["_paths"]["base_gguf"])
     version = convert_gguf.llama_cpp_version()
     assert base == store / ".cache" / "convert" / f"base-gguf-{job.base_digest[:16]}-{version}" / "base.gguf"
-    assert first.meta["base_gguf_sha256"] == _sha256(base)
+    assert first.meta["base_gguf_sha256"] == sha256_file(str(base))
     assert _file_type(read, base) == FTYPE_F16
     mtime = base.stat().st_mtime_ns
 
@@ -259,7 +260,7 @@ def test_lora_writes_adapter_gguf_and_reuses_the_cached_base_gguf(tiny, store, t
     base.write_bytes(base.read_bytes()[:-1000])  # truncated: the recorded sha256 no longer matches
     lines: list[str] = []
     path, sha = convert_gguf.base_gguf(job, store / ".cache" / "convert", tools, lines.append)
-    assert path == base and sha == first.meta["base_gguf_sha256"] == _sha256(base)
+    assert path == base and sha == first.meta["base_gguf_sha256"] == sha256_file(str(base))
     assert "damaged (sha256 mismatch): rebuilding" in lines[0]
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterctl.endpoint_ops import atomic_write_json, fsync_dir, sha256_file
 from adapterctl.errors import AdapterctlError, ConfigError, HealthCheckFailed, UsageError
 
 CONVERTER_VERSION = "1"  # bump when any builder's output changes for the same inputs
@@ -226,22 +227,6 @@ def cache_key(job: Job) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Cache:
     """`{store}/.cache/convert/`: one directory per key, complete once ARTIFACT.json exists."""
 
@@ -275,7 +260,7 @@ class Cache:
                 why = f"{name} is missing"
             elif (size := f.stat().st_size) != doc.get("sizes", {}).get(name, size):
                 why = f"{name} is {size} bytes, {doc['sizes'][name]} recorded (truncated?)"
-            elif _sha256(f) != sha:
+            elif sha256_file(str(f)) != sha:
                 why = f"{name} does not match its recorded sha256"
             else:
                 continue
@@ -289,24 +274,17 @@ class Cache:
         files, sizes = {}, {}
         for f in sorted(p for p in built.rglob("*") if p.is_file()):
             rel = f.relative_to(built).as_posix()
-            files[rel], sizes[rel] = _sha256(f), f.stat().st_size
+            files[rel], sizes[rel] = sha256_file(str(f)), f.stat().st_size
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
         doc = dict(meta, key=key, files=files, sizes=sizes, size_bytes=sum(sizes.values()))
-        tmp = built / (ARTIFACT_FILE + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(tmp, built / ARTIFACT_FILE)
-        _fsync_dir(built)
+        atomic_write_json(str(built / ARTIFACT_FILE), doc)  # last: it marks the entry complete
         final = self.entry(key)
         if final.exists():  # a concurrent run finished first; both are the same bytes by key
             shutil.rmtree(built, ignore_errors=True)
         else:
             os.rename(built, final)
-            _fsync_dir(self.root)
+            fsync_dir(str(self.root))
         artifact, why = self.lookup(key)
         if artifact is None:
             raise ConversionError(f"conversion cache entry {final} is unusable right after writing: {why}")
@@ -338,14 +316,12 @@ def base_digest(base_dir: Path, store: Path, persist: bool = True) -> str:
         stamp = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
         sha = known.get(stamp)
         if sha is None:
-            sha, changed = _sha256(f), True
+            sha, changed = sha256_file(str(f)), True
             known[stamp] = sha
         entries.append(f"{f.relative_to(base_dir).as_posix()} {sha}")
     if changed and persist:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, cache_file)
+        atomic_write_json(str(cache_file), known)
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 

@@ -36,10 +36,10 @@ from adapterctl.convert import (
     UNQUANTIZED,
     ConversionError,
     Job,
-    _sha256,
     check_quant,
     dist_version,
 )
+from adapterctl.endpoint_ops import sha256_file
 from adapterctl.tinymodel import cache_root
 
 Progress = Callable[[str], None]
@@ -390,7 +390,7 @@ def base_gguf(job: Job, cache: Path, tools: Path, progress: Progress) -> tuple[P
     path, sha_file = final / BASE_GGUF, final / f"{BASE_GGUF}.sha256"
     if final.exists():
         recorded = _recorded_sha(sha_file)
-        if recorded and path.is_file() and _sha256(path) == recorded:
+        if recorded and path.is_file() and sha256_file(str(path)) == recorded:
             progress(f"base GGUF: reusing {path} (sha256 verified)")
             return path, recorded
         why = "no recorded sha256" if not recorded else "missing" if not path.is_file() else "sha256 mismatch"
@@ -402,7 +402,7 @@ def base_gguf(job: Job, cache: Path, tools: Path, progress: Progress) -> tuple[P
     tmp.mkdir(parents=True)
     try:
         convert_hf(tools, job.base_dir, tmp / BASE_GGUF, "f16", context)
-        sha = _sha256(tmp / BASE_GGUF)
+        sha = sha256_file(str(tmp / BASE_GGUF))
         (tmp / sha_file.name).write_text(f"{sha}  {BASE_GGUF}\n", encoding="utf-8")
         try:
             os.rename(tmp, final)
