@@ -393,9 +393,13 @@ class _Run:
                         f"{step.model} {step.version}: the conversion inputs changed since the plan was made",
                         "run the command again",
                     )
-                artifact, how = convert.run(
-                    job, convert.Cache(self.cfg.store), lambda line: self.say(step, line)
-                )
+                try:
+                    artifact, how = convert.run(
+                        job, convert.Cache(self.cfg.store), lambda line: self.say(step, line)
+                    )
+                except AdapterctlError as exc:
+                    self.convert_failed[key] = exc
+                    raise
                 self.artifacts[key] = artifact
                 self.record_artifact(step, artifact)
         out.convert = how

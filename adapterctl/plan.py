@@ -85,26 +85,20 @@ class Conversion:
 _BPW = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q5_K_S": 5.54}
 _BPW.update({"Q5_1": 6, "Q5_0": 5.5, "Q4_K_M": 4.89, "Q4_K_S": 4.58, "Q4_1": 5, "Q4_0": 4.5})
 _BPW.update({"Q3_K_L": 4.27, "Q3_K_M": 3.91, "Q3_K_S": 3.5, "Q2_K": 3.35, "Q2_K_S": 3.0})
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I8": 1, "U8": 1}
 
 
 def _estimate(spec: Any, t: Target, base_dir: Path | None) -> int:
     """A rough output size for a conversion that has not run yet (shown with ≈ in the plan)."""
-    from adapterctl.convert import _safetensors_shapes
+    import math
+
+    from adapterctl.convert import base_shapes
 
     if spec.format in ("adapter", "lora") or base_dir is None:
         return t.size_bytes
-    base = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     if spec.format == "fused":
-        return base
-    params = 0
-    for f in base_dir.glob("*.safetensors"):
-        for shape in _safetensors_shapes(f).values():
-            n = 1
-            for d in shape:
-                n *= d
-            params += n
-    return int(params * _BPW.get(spec.quant or "F16", 16) / 8) or base
+        return sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
+    params = sum(math.prod(shape) for shape in base_shapes(base_dir).values())
+    return int(params * _BPW.get(spec.quant or "F16", 16) / 8)
 
 
 class ConvertPlanner:

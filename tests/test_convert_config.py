@@ -17,7 +17,7 @@ from conftest import MODEL, TRANSLATOR, Workspace, assert_one_line_error, tree_d
 from safetensors.numpy import load_file, save_file
 
 from adapterctl.config import BaseGguf, ConvertSetting, load_config
-from adapterctl.convert import QUANT_TYPES, ConvertSpec, check_quant, default_spec, spec_for
+from adapterctl.convert import QUANT_TYPES, ConvertSpec, check_quant, spec_for
 from adapterctl.demo import make_adapter
 from adapterctl.errors import ConfigError
 from adapterctl.plan import Target, plan_convert
@@ -258,8 +258,8 @@ def test_spec_for_takes_the_endpoint_then_the_models_kind_then_the_default(tmp_p
     assert spec_for(x, eps["rtx"]) == ConvertSpec("gguf", "merged", "Q8_0", True)
     assert spec_for(x, eps["rtx-q"]) == ConvertSpec("gguf", "merged", "Q2_K", True)
     assert spec_for(x, eps["rtx-lora"]) == ConvertSpec("gguf", "lora", None, True)  # quant is merged's
-    assert spec_for(y, eps["mac"]) == default_spec("mlx") == ConvertSpec("mlx", "adapter", None, True)
-    assert spec_for(y, eps["rtx"]) == default_spec("gguf") == ConvertSpec("gguf", "merged", "Q4_K_M", True)
+    assert spec_for(y, eps["mac"]) == ConvertSpec("mlx", "adapter", None, True)
+    assert spec_for(y, eps["rtx"]) == ConvertSpec("gguf", "merged", "Q4_K_M", True)
 
 
 # --- planning, as data ----------------------------------------------------------------------------

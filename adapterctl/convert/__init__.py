@@ -57,12 +57,6 @@ NEEDS_IMATRIX = (
 )  # fmt: skip
 UNQUANTIZED = ("F32", "F16", "BF16")
 
-# what each format writes (the files shipped in the release)
-OUTPUT_FILES = {
-    "adapter": ("adapters.safetensors", "adapter_config.json"),
-    "merged": ("model.gguf",),
-    "lora": ("adapter.gguf",),
-}
 TOOLS = {  # distributions whose version enters the cache key, per format
     "adapter": ("numpy",),
     "fused": ("numpy",),
@@ -138,11 +132,6 @@ class ConvertSpec:
 
     def params(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": self.format, "quant": self.quant}
-
-
-def default_spec(kind: str) -> ConvertSpec:
-    fmt = DEFAULT_FORMAT[kind]
-    return ConvertSpec(kind, fmt, DEFAULT_QUANT if fmt == "merged" else None)
 
 
 @dataclass(frozen=True)
@@ -454,11 +443,6 @@ def run(job: Job, cache: Cache, progress: Callable[[str], None] = lambda line: N
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return artifact, f"rebuilt ({damaged})" if damaged else "built"
-
-
-def usage_for_format(kind: str, fmt: str) -> None:
-    if fmt not in FORMATS[kind]:
-        raise UsageError(f"format {fmt!r} is not one of {kind}'s: {', '.join(FORMATS[kind])}")
 
 
 def spec_for(model: Any, ep: Any) -> ConvertSpec:
