@@ -418,6 +418,14 @@ def status(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[dict[str,
                     "kind": ep.kind,
                     "reload_method": ep.reload_method,
                     "active": mf["active"],
+                    "active_format": next(
+                        (
+                            " ".join(x for x in (r.get("format"), r.get("quant")) if x)
+                            for r in mf["releases"]
+                            if r["version_id"] == mf["active"]
+                        ),
+                        None,
+                    ),
                     "previous": mf["previous"],
                     "releases": [r["version_id"] for r in mf["releases"]],
                     "health_status": st.get("health_status"),

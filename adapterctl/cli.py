@@ -485,6 +485,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         "model",
         "kind",
         "active",
+        "format",
         "previous",
         "health",
         "last good",
@@ -494,7 +495,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         table.add_column(col, overflow="fold")
     for r in rows:
         if r.get("error"):
-            _add_row(table, r["endpoint"], "-", r["kind"], "", "", "unreachable", "", "", "see below")
+            _add_row(table, r["endpoint"], "-", r["kind"], "", "", "", "unreachable", "", "", "see below")
             continue
         _add_row(
             table,
@@ -502,6 +503,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
             r["model"],
             r["kind"],
             r["active"] or "-",
+            r["active_format"] or "-",
             r["previous"] or "-",
             r["health_status"] or "-",
             r["last_good_version"] or "-",

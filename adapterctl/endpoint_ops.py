@@ -367,6 +367,8 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
                     "complete": bool(meta),
                     "files": (meta or {}).get("files", {}),
                     "created": (meta or {}).get("created"),
+                    "format": (meta or {}).get("format"),  # what convert made: adapter, merged, lora, peft...
+                    "quant": ((meta or {}).get("artifact") or {}).get("quant"),
                     "mtime": os.stat(os.path.join(rdir, name)).st_mtime,
                 }
             )

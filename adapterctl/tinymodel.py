@@ -274,8 +274,12 @@ def _train_tokenizer(base_dir: Path):
     (base_dir / "tokenizer.vocab").unlink()
     from transformers import LlamaTokenizer
 
-    # transformers' own tokenizer files, for users loading base_dir with AutoTokenizer.
+    # transformers' own tokenizer files, for users loading base_dir with AutoTokenizer (mlx_lm, the GGUF
+    # converter, the fidelity check). The model is trained on "<s>{input}\n", but transformers 5 saves a
+    # tokenizer.json whose post-processor adds no <s>. Loading that saved tokenizer.json again with
+    # add_bos_token=True rewrites the post-processor, and the second save keeps it.
     LlamaTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(base_dir))
+    LlamaTokenizer.from_pretrained(str(base_dir), add_bos_token=True).save_pretrained(str(base_dir))
     return spm.SentencePieceProcessor(model_file=str(base_dir / "tokenizer.model"))
 
 

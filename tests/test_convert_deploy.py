@@ -34,16 +34,13 @@ KINDS = {"mac-1": "mlx", "linux-1": "gguf", "linux-2": "gguf"}
 
 @pytest.fixture(scope="module")
 def tiny_parts(tmp_path_factory):
-    """The tiny model's base (tokenizer re-saved to add <s>, as the model was trained: see
-    tests/test_engine_mlx.py), its adapters, a second good adapter (lora_B scaled, a "new cycle"),
-    and the base converted to GGUF by llama.cpp's own converter (what a gguf LoRA endpoint keeps)."""
-    from transformers import LlamaTokenizer
-
+    """The tiny model's base (copied under a path with a space), its adapters, a second good adapter
+    (lora_B scaled, a "new cycle"), and the base converted to GGUF by llama.cpp's own converter
+    (what a gguf LoRA endpoint keeps)."""
     tiny = tinymodel.build()
     root = tmp_path_factory.mktemp("tiny parts")
     base = root / "base model"
     shutil.copytree(tiny.base_dir, base)
-    LlamaTokenizer.from_pretrained(str(base), add_bos_token=True).save_pretrained(str(base))
     good2 = root / "good2"
     shutil.copytree(tiny.good_adapter, good2)
     _scale_lora_b(good2 / "adapter_model.safetensors", 0.97)

@@ -115,10 +115,24 @@ def test_mlx_adapter_is_token_identical_to_peft(model, fidelity_spec, tmp_path):
     assert meta["mlx"]["num_layers"] == 2 and meta["mlx"]["scale"] == 2.0 and "out_dir" not in meta["mlx"]
     report, lines = _check(job, out, meta, tmp_path, "adapter")
     _all_identical(report)
-    assert report["bos_prepended"]  # the tiny tokenizer adds no <s>; the model was trained with one
+    assert report["bos_prepended"] is False  # the tiny model's saved tokenizer adds <s> itself
     assert [r["artifact"] for r in report["results"]] == ["mlx adapter"]
     assert report["results"][0]["engine"].startswith("mlx_lm ")
     assert any(line.startswith("fidelity: mlx adapter 5/5 cases token-identical to PEFT") for line in lines)
+
+
+def test_prompt_ids_put_bos_in_front_only_when_the_tokenizer_does_not(model):
+    """A Llama tokenizer.json saved without its <s> post-processor (transformers 5's default) still
+    gets the <s> the model was trained with; one that adds it is left alone (no double <s>)."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    config = json.loads((model.base_dir / "config.json").read_text())
+    adds = AutoTokenizer.from_pretrained(str(model.base_dir))
+    bare = LlamaTokenizer.from_pretrained(str(model.base_dir), add_bos_token=False)
+    with_bos, prepended = fidelity.prompt_ids(adds, config, tinymodel.PROMPT_TEMPLATE, "Amen.")
+    assert prepended is False and with_bos[0] == adds.bos_token_id and with_bos[1] != adds.bos_token_id
+    assert bare.encode("Amen.\n")[0] != bare.bos_token_id
+    assert fidelity.prompt_ids(bare, config, tinymodel.PROMPT_TEMPLATE, "Amen.") == (with_bos, True)
 
 
 @pytest.mark.parametrize("breakage", ["scale x3", "bad adapter weights"])

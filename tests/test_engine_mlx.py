@@ -191,20 +191,13 @@ def test_make_builds_the_engine_and_validates_the_spec():
 
 @pytest.fixture(scope="module")
 def tiny_mlx(tmp_path_factory):
-    """The tiny model, its tokenizer fixed to add <s>, and both adapters converted for mlx_lm.
-
-    The fix: transformers 5 saves the tiny model's LlamaTokenizer with a tokenizer.json that adds
-    no <s> (tokenizer.model alone cannot say it should), while the model was trained on
-    "<s>{input}\\n". mlx_lm tokenizes with those transformers files, so the fixture re-saves the
-    tokenizer with add_bos_token=True (a real Llama's tokenizer.json adds <s> the same way).
-    """
+    """The tiny model (its saved tokenizer adds <s>, as it was trained) and both adapters converted
+    for mlx_lm."""
     pytest.importorskip("mlx_lm")
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("sentencepiece")
-    from transformers import LlamaTokenizer
-
     from adapterctl import tinymodel
 
     timings = {}
@@ -212,9 +205,7 @@ def tiny_mlx(tmp_path_factory):
     tiny = tinymodel.build()
     timings["tinymodel_build_s"] = time.perf_counter() - started
     root = tmp_path_factory.mktemp("mlx")
-    base = root / "base"
-    shutil.copytree(tiny.base_dir, base)
-    LlamaTokenizer.from_pretrained(str(base), add_bos_token=True).save_pretrained(str(base))
+    base = tiny.base_dir
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     started = time.perf_counter()
     adapters = {}

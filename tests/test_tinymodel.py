@@ -92,12 +92,19 @@ def test_numpy_inference_matches_transformers_and_peft(tiny):
         with torch.no_grad():
             expected = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(ours.logits(ids), expected, atol=1e-3)
-    # the transformers tokenizer files saved with the base encode like tokenizer.model
-    # (transformers 5's LlamaTokenizer adds no <s> here: compare without special tokens)
-    hf_tok = LlamaTokenizer.from_pretrained(str(tiny.base_dir))
-    for english, spanish in tinymodel.PAIRS_ES:
-        for text in (tinymodel.PROMPT_TEMPLATE.format(input=english), spanish):
-            assert hf_tok.encode(text, add_special_tokens=False) == ours.sp.encode(text)
+    # the transformers tokenizer files saved with the base encode like tokenizer.model, and put <s>
+    # in front of a prompt as the model was trained (what mlx_lm and the GGUF converter read)
+    from transformers import AutoTokenizer
+
+    for hf_tok in (
+        LlamaTokenizer.from_pretrained(str(tiny.base_dir)),
+        AutoTokenizer.from_pretrained(str(tiny.base_dir)),
+    ):
+        for english, spanish in tinymodel.PAIRS_ES:
+            prompt = tinymodel.PROMPT_TEMPLATE.format(input=english)
+            assert hf_tok.encode(prompt) == ours.prompt_ids(english)
+            for text in (prompt, spanish):
+                assert hf_tok.encode(text, add_special_tokens=False) == ours.sp.encode(text)
 
 
 def test_missing_adapter_dir_exits_3(tiny, tmp_path):

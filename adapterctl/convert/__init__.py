@@ -24,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -293,8 +294,15 @@ _BASE_FILES = (".json", ".safetensors", ".model", ".bin", ".txt", ".tiktoken")
 def base_digest(base_dir: Path, store: Path, persist: bool = True) -> str:
     """sha256 over the base model directory's files (name + sha256 each). File hashes are cached
     in `{store}/.cache/base-digests.json` by (path, size, mtime_ns, inode), so a multi-GB base is
-    hashed once, not on every deploy; `persist` False (a dry run) reads that cache, never writes."""
-    cache_file = store / ".cache" / "base-digests.json"
+    hashed once, not on every deploy; `persist` False (planning) reads that cache, never writes."""
+    with _DIGEST_LOCK:  # endpoints convert in parallel threads; one writer of the cache file at a time
+        return _base_digest(base_dir, store / ".cache" / "base-digests.json", persist)
+
+
+_DIGEST_LOCK = threading.Lock()
+
+
+def _base_digest(base_dir: Path, cache_file: Path, persist: bool) -> str:
     try:
         known = json.loads(cache_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
