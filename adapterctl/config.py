@@ -564,12 +564,15 @@ _MODEL: Schema = {
 
 def _model(r: _Reader, name: str, node: Node, path: str, at: Node) -> ModelConfig:
     values, _ = r.fields(node, path, _MODEL, at)
+    base_dir = r.local_path(values["base_dir"]) if "base_dir" in values else None
+    if base_dir is None and "base_model" in values and r.local_path(values["base_model"]).is_dir():
+        base_dir = r.local_path(values["base_model"])  # base_model names a directory here: that is the base
     return ModelConfig(
         name,
         r.local_path(values["source"]),
         values.get("base_model"),
         values.get("health"),
-        r.local_path(values["base_dir"]) if "base_dir" in values else None,
+        base_dir,
         values.get("convert", {}),
     )
 

@@ -524,3 +524,13 @@ def test_convert_without_a_registered_version_names_register(workspace):
     assert_one_line_error(proc, f"model {MODEL} has no registered version to convert")
     assert f"adapterctl register --model {MODEL} --cycle N" in proc.stderr
     assert not workspace.store.exists() or not any(workspace.store.iterdir())
+
+
+def test_base_model_that_names_a_directory_here_is_the_base_dir(tmp_path):
+    (tmp_path / "models" / "tiny base").mkdir(parents=True)
+    text = yaml_text(model='    base_model: "./models/tiny base"\n')
+    cfg = load(tmp_path, text)
+    assert cfg.models["x"].base_dir == tmp_path / "models" / "tiny base"
+    (tmp_path / "other").mkdir()
+    named = load(tmp_path / "other", yaml_text(model="    base_model: google/gemma-3-4b-it\n"))
+    assert named.models["x"].base_dir is None  # a hub name is a name, never a download
