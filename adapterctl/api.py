@@ -346,6 +346,19 @@ def convert_versions(
     return Report(plan, outcomes, worst([STATUS_EXIT[o.status] for o in outcomes]))
 
 
+def prune_conversions(cfg: Config, dry_run: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
+    """Remove conversion cache entries not used by the newest `keep_releases` versions of each model
+    (as recorded in the manifest). Returns (removed (name, bytes), kept keys)."""
+    from adapterctl.convert import Cache
+
+    manifest = Manifest.load(cfg.store)
+    keep: set[str] = set()
+    for model in manifest.data["versions"]:
+        for entry in manifest.versions(model)[-cfg.keep_releases :]:
+            keep.update(entry.get("artifacts", {}))
+    return Cache(cfg.store).prune(keep, dry_run), sorted(keep)
+
+
 def rollback(
     cfg: Config,
     *,

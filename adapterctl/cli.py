@@ -407,6 +407,14 @@ def convert(
         str | None, typer.Option(help="Convert this registered version (default: each model's newest).")
     ] = None,
     dry_run: DryRunOpt = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Instead of converting: remove cache entries not used by the newest keep_releases "
+            "versions of each model (they are rebuilt if ever needed again).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Run the convert phase alone: build (or verify in the cache) what each endpoint kind loads.
@@ -419,6 +427,19 @@ def convert(
     from adapterctl import api
 
     cfg = _run(_config)
+    if prune:
+        from adapterctl.plan import human_bytes
+
+        removed, kept = _run(api.prune_conversions, cfg, dry_run)
+        if as_json:
+            out.print_json(json.dumps({"removed": dict(removed), "kept": kept, "dry_run": dry_run}))
+        else:
+            verb = "would remove" if dry_run else "removed"
+            for name, size in removed:
+                out.print(f"{verb} {name} ({human_bytes(size)})", markup=False)
+            total = human_bytes(sum(size for _, size in removed))
+            out.print(f"{verb} {len(removed)} cache entries ({total}); kept {len(kept)} in use", markup=False)
+        raise typer.Exit(0)
     chosen = list(cfg.models) if all_adapters else _split(models)
     if not chosen:
         chosen = list(cfg.models)

@@ -534,3 +534,32 @@ def test_base_model_that_names_a_directory_here_is_the_base_dir(tmp_path):
     (tmp_path / "other").mkdir()
     named = load(tmp_path / "other", yaml_text(model="    base_model: google/gemma-3-4b-it\n"))
     assert named.models["x"].base_dir is None  # a hub name is a name, never a download
+
+
+def test_prune_keeps_the_newest_keep_releases_versions_and_live_builds(mlx_ws):
+    """keep_releases 2 (the workspace's default is 5): three cycles converted, the oldest entry goes;
+    a dead run's scratch dir goes, a live one (this test's own pid) stays; dry run removes nothing."""
+    cfg = mlx_ws.config.read_text(encoding="utf-8")
+    mlx_ws.config.write_text("keep_releases: 2\n" + cfg, encoding="utf-8")
+    keys = []
+    for cycle, seed in ((1, 1), (2, 2), (3, 3)):
+        if cycle > 1:
+            mlx_ws.new_adapter(MODEL, f"run{cycle}", seed=seed)
+        mlx_ws.cli("register", "--model", MODEL, "--cycle", str(cycle), check=0)
+        mlx_ws.cli("convert", "--models", MODEL, "--endpoints", "mac-dev", check=0)
+        entries = json.loads((mlx_ws.store / "manifest.json").read_text())["versions"][MODEL]
+        [key] = entries[-1]["artifacts"]
+        keys.append(key)
+    root = mlx_ws.store / ".cache" / "convert"
+    dead = root / f".{keys[0]}.tmp-999999999"
+    live = root / f".{keys[1]}.tmp-{os.getpid()}"
+    for scratch in (dead, live):
+        (scratch / "out").mkdir(parents=True)
+    before = tree_digest(mlx_ws.store)
+    dry = mlx_ws.cli("convert", "--prune", "--dry-run", check=0).stdout
+    assert f"would remove {keys[0]}" in dry and dead.name in dry and "would remove 2 cache entries" in dry
+    assert tree_digest(mlx_ws.store) == before
+    mlx_ws.cli("convert", "--prune", check=0)
+    assert sorted(p.name for p in root.iterdir()) == sorted([keys[1], keys[2], live.name])
+    again = mlx_ws.cli("convert", "--models", MODEL, "--endpoints", "mac-dev", check=0)
+    assert "cached" in again.stdout  # the newest version's entry was kept

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterctl.endpoint_ops import atomic_write_json, fsync_dir, sha256_file
+from adapterctl.endpoint_ops import atomic_write_json, fsync_dir, pid_alive, sha256_file
 from adapterctl.errors import AdapterctlError, ConfigError, HealthCheckFailed, UsageError
 
 CONVERTER_VERSION = "1"  # bump when any builder's output changes for the same inputs
@@ -279,6 +279,26 @@ class Cache:
         if artifact is None:
             raise ConversionError(f"conversion cache entry {final} is unusable right after writing: {why}")
         return artifact
+
+    def prune(self, keep: set[str], dry_run: bool = False) -> list[tuple[str, int]]:
+        """Remove every entry whose key is not in `keep`, and scratch dirs of runs that died;
+        (name, bytes) of each removed. The cached base GGUFs (`base-gguf-*`) are kept."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for path in sorted(self.root.iterdir()):
+            name = path.name
+            if name.startswith("base-gguf-") or name in keep or not path.is_dir():
+                continue
+            if name.startswith("."):  # .{key}.tmp-{pid}: a build in progress unless its pid is gone
+                pid = name.rsplit("-", 1)[-1]
+                if pid.isdigit() and pid_alive(int(pid)):
+                    continue
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append((name, size))
+        return removed
 
     def scratch(self, key: str) -> Path:
         path = self.root / f".{key}.tmp-{os.getpid()}"
