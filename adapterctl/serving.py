@@ -40,6 +40,7 @@ from adapterctl.errors import AdapterctlError
 
 RELEASE_FILE = "RELEASE.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+MLX_WEIGHTS_FILE = "adapters.safetensors"  # a release converted for mlx_lm (adapterctl.mlxformat)
 LOADED_FILE = "loaded.json"
 RELEASE_SCHEMA = 1
 
@@ -103,9 +104,14 @@ def resolve_active(adapter_dir: str | Path, model: str) -> dict | None:
     if not isinstance(version_id, str) or not version_id:
         raise ReloadError(f"{where}: missing version_id")
     files = meta.get("files")
-    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
-        raise ReloadError(f"{where}: 'files' must list {WEIGHTS_FILE} with its sha256")
-    if meta.get("sha256") != files[WEIGHTS_FILE]:
+    if not isinstance(files, dict) or not files:
+        raise ReloadError(f"{where}: 'files' must list the release's files with their sha256")
+    # the version's identity is the sha256 of its PEFT weights (the manifest's), also for a release
+    # that holds a converted artifact (an MLX adapter, a GGUF) instead of the PEFT files
+    sha = meta.get("sha256")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ReloadError(f"{where}: missing the version's sha256")
+    if WEIGHTS_FILE in files and sha != files[WEIGHTS_FILE]:
         raise ReloadError(f"{where}: sha256 does not match files[{WEIGHTS_FILE!r}]")
     for name, expected in files.items():
         # Names come from a file on disk; never let one read outside the release.
@@ -123,7 +129,12 @@ def resolve_active(adapter_dir: str | Path, model: str) -> dict | None:
                 f"on disk {actual[:12]}…)",
                 "the release was modified after transfer; redeploy it",
             )
-    return {"version_id": version_id, "sha256": meta["sha256"], "path": str(release)}
+    return {
+        "version_id": version_id,
+        "sha256": sha,
+        "path": str(release),
+        "format": meta.get("format") or "peft",
+    }
 
 
 def _read_pid(pidfile: Path) -> int | None:
@@ -289,14 +300,16 @@ class _EventLog:
 
 
 def _check_safetensors(info: dict | None) -> None:
-    """Stand-in loader: prove the weights are a readable safetensors file with LoRA tensors."""
+    """Stand-in loader: prove the weights are a readable safetensors file with LoRA tensors (PEFT's
+    lora_A/lora_B, or an MLX adapter's lora_a/lora_b)."""
     if info is None:
         return  # base model: nothing to load
     from safetensors.numpy import load_file
 
-    tensors = load_file(str(Path(info["path"]) / WEIGHTS_FILE))
-    if not any(".lora_A." in name or ".lora_B." in name for name in tensors):
-        raise ReloadError(f"{info['path']}/{WEIGHTS_FILE}: no lora_A/lora_B tensors")
+    name = MLX_WEIGHTS_FILE if info.get("format") == "adapter" else WEIGHTS_FILE
+    tensors = load_file(str(Path(info["path"]) / name))
+    if not any(part in key for key in tensors for part in (".lora_A.", ".lora_B.", ".lora_a", ".lora_b")):
+        raise ReloadError(f"{info['path']}/{name}: no LoRA tensors")
 
 
 def _report(log: _EventLog, record: dict) -> None:

@@ -55,6 +55,7 @@ COMPLETE_MARKER = "COMPLETE"
 EXIT_BAD_ADAPTER = 3
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+MLX_WEIGHTS_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 VOCAB_SIZE = 512
@@ -413,10 +414,14 @@ class Translator:
         self.newline = self.sp.piece_to_id("\n")
 
     def _merge(self, adapter_dir: Path) -> None:
-        """W += scale · B·A for every lora_A/lora_B pair (PEFT's LoRA forward, folded in)."""
+        """W += scale · B·A for every lora_A/lora_B pair (PEFT's LoRA forward, folded in); a release
+        converted for mlx_lm (adapters.safetensors) is read in that layout."""
         import numpy as np
         from safetensors.numpy import load_file
 
+        if (adapter_dir / MLX_WEIGHTS_FILE).is_file() and not (adapter_dir / WEIGHTS_FILE).is_file():
+            self._merge_mlx(adapter_dir)
+            return
         try:
             cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
             r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -441,6 +446,37 @@ class Translator:
             pairs += 1
         if not pairs:
             raise BadAdapter(f"{adapter_dir}: no lora_A/lora_B tensors")
+
+    def _merge_mlx(self, adapter_dir: Path) -> None:
+        """mlx_lm's layout: lora_a (in, r), lora_b (r, out), y += scale · x·a·b, so W += scale · (a·b)ᵀ."""
+        import numpy as np
+        from safetensors.numpy import load_file
+
+        try:
+            cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            scale = float(cfg["lora_parameters"]["scale"])
+            tensors = load_file(str(adapter_dir / MLX_WEIGHTS_FILE))
+        except Exception as exc:  # missing file, bad JSON, bad safetensors header, missing key
+            raise BadAdapter(
+                f"{adapter_dir}: cannot read the MLX adapter: {type(exc).__name__}: {exc}"
+            ) from exc
+        pairs = 0
+        for name, a in sorted(tensors.items()):
+            if not name.endswith(".lora_a"):
+                continue
+            b = tensors.get(name[: -len("lora_a")] + "lora_b")
+            target = name[: -len(".lora_a")] + ".weight"
+            if b is None or target not in self.w:
+                raise BadAdapter(f"{adapter_dir}: {name} has no lora_b pair or no base weight {target}")
+            delta = scale * (a.astype(np.float32) @ b.astype(np.float32)).T
+            if delta.shape != self.w[target].shape:
+                raise BadAdapter(
+                    f"{adapter_dir}: {name}: (a·b)ᵀ is {delta.shape}, {target} is {self.w[target].shape}"
+                )
+            self.w[target] = self.w[target] + delta
+            pairs += 1
+        if not pairs:
+            raise BadAdapter(f"{adapter_dir}: no lora_a/lora_b tensors")
 
     def _rms(self, x, weight):
         import numpy as np

@@ -306,8 +306,16 @@ def make_base(path: Path, *, hidden: int = 64, layers: int = 2, vocab: int = 100
     return path
 
 
-def configure(ws: Workspace, *, base_dir: Path | None, convert: str | None, suite: str = "none") -> None:
-    """Rewrite the workspace config: gemma_4b alone, with `base_dir` and `convert` (YAML flow text)."""
+def configure(
+    ws: Workspace,
+    *,
+    base_dir: Path | None,
+    convert: str | None,
+    suite: str = "none",
+    mac: list[str] | None = None,
+) -> None:
+    """Rewrite the workspace config: gemma_4b alone, with `base_dir` and `convert` (YAML flow text);
+    `mac`: mac-dev's reload lines (default reload_method: none)."""
     lines = [
         "store: ./adapters",
         "endpoints:",
@@ -315,7 +323,7 @@ def configure(ws: Workspace, *, base_dir: Path | None, convert: str | None, suit
         "    host: local",
         '    adapter_dir: "./endpoints/mac dev é/adapters"',
         "    kind: mlx",
-        "    reload_method: none",
+        *(mac or ["    reload_method: none"]),
         "  rtx-1:",
         "    host: local",
         '    adapter_dir: "./endpoints/rtx-1 ü/adapters"',
@@ -563,3 +571,19 @@ def test_prune_keeps_the_newest_keep_releases_versions_and_live_builds(mlx_ws):
     assert sorted(p.name for p in root.iterdir()) == sorted([keys[1], keys[2], live.name])
     again = mlx_ws.cli("convert", "--models", MODEL, "--endpoints", "mac-dev", check=0)
     assert "cached" in again.stdout  # the newest version's entry was kept
+
+
+def test_sigusr1_reload_of_an_mlx_release_is_confirmed_with_the_versions_sha(mlx_ws):
+    """The serving helper verifies and reports a converted release (no adapter_model.safetensors in it)
+    under the version's identity, so adapterctl confirms the reload against the manifest."""
+    base = make_base(mlx_ws.root / "base for reload")
+    reload = ["    reload_method: sigusr1", "    pidfile: ../run/serve.pid", "    reload_timeout_s: 10"]
+    configure(mlx_ws, base_dir=base, convert="{mlx: {format: adapter, fidelity: false}}", mac=reload)
+    server = mlx_ws.start_server("mac-dev")
+    deploy(mlx_ws, "mac-dev")
+    entry = manifest_entry(mlx_ws)
+    loaded = json.loads((mlx_ws.endpoints["mac-dev"].parent / "run" / "loaded.json").read_text())
+    assert server.poll() is None
+    assert loaded["version_id"] == entry["version_id"] and loaded["sha256"] == entry["sha256"]
+    [line] = mlx_ws.log()
+    assert (line["status"], line["convert"]) == ("success", "built")

@@ -249,6 +249,7 @@ def test_resolve_active_returns_none_without_active_and_verified_info_with_it(ad
         "version_id": v1,
         "sha256": _sha(release / "adapter_model.safetensors"),
         "path": os.path.realpath(release),
+        "format": "peft",
     }
 
 
