@@ -179,14 +179,16 @@ def translate_main(argv: list[str]) -> int:
     known, _ = parser.parse_known_args(argv)
     release = Path(known.release) if known.release and not known.no_adapter else None
     readable = release is not None and (release / tinymodel.ADAPTER_CONFIG).is_file()
-    upcast = upcast_bfloat16(release / WEIGHTS) if readable else None
+    # a PEFT release, or one converted for mlx_lm (adapterctl convert)
+    weights = WEIGHTS if release is None or (release / WEIGHTS).is_file() else tinymodel.MLX_WEIGHTS_FILE
+    upcast = upcast_bfloat16(release / weights) if readable else None
     if upcast is None:  # float32/float16, no adapter, or a broken one: tinymodel says what is wrong
         return tinymodel.translate_main(argv)
     from safetensors.numpy import save_file
 
     with tempfile.TemporaryDirectory(prefix="adapterctl-bf16-") as tmp:
         shutil.copy(release / tinymodel.ADAPTER_CONFIG, tmp)
-        save_file(upcast, str(Path(tmp) / WEIGHTS))
+        save_file(upcast, str(Path(tmp) / weights))
         print(f"demo translate: {release}: bfloat16 weights upcast to float32", file=sys.stderr)
         return tinymodel.translate_main([tmp if a == known.release else a for a in argv])
 
@@ -206,6 +208,14 @@ def write_workspace(ws: Path, tiny: Any = None) -> Path:
     py = json.dumps(sys.executable)
     if tiny:
         base = json.dumps(str(tiny.base_dir))
+        fidelity = (
+            "true}" if _importable("mlx_lm") else "false}  # the check needs mlx: pip install -e '.[mlx]'"
+        )
+        convert = f"""\
+    base_dir: {base}
+    convert:                         # phase 2, per endpoint kind
+      mlx: {{format: adapter, fidelity: {fidelity}
+      gguf: peft                     # a merged GGUF needs the gguf extra; rtx-demo gets the PEFT files"""
         serving = "adapterctl serve --backend peft (the real tiny model) reloads on SIGUSR1"
         health = f"""\
       # the real tiny Llama (base + the release's LoRA, greedy decoding); see adapterctl/demo.py
@@ -218,6 +228,7 @@ def write_workspace(ws: Path, tiny: Any = None) -> Path:
       discriminator: "Amen."
       base_command: [{py}, -m, adapterctl.tinymodel, translate, --base, {base}, --no-adapter]"""
     else:
+        convert = "    convert: peft                    # the stand-in servers load PEFT files as they are"
         serving = "the serving stand-in reloads on SIGUSR1 and writes loaded.json"
         health = f"""\
       command: [{py}, -m, adapterctl.demo_translator, "{{release}}"]
@@ -246,7 +257,7 @@ models:
   {model}:
     source: ./training/{model}       # the newest run directory under here is deployed
     base_model: local/tiny-llama
-    convert: peft                    # the demo's servers load PEFT files as they are
+{convert}
     health:
       suite: translation_en_es
       engine: command
@@ -513,6 +524,16 @@ def _real_demo(ws: Path, tiny: Any, run: _Run) -> None:
         markup=False,
     )
     out.print("  rtx-demo has no serving process (reload_method: none)", markup=False)
+    checked = (
+        "checked token for token against the PEFT original with mlx_lm"
+        if _importable("mlx_lm")
+        else "not fidelity-checked here (that needs mlx: pip install -e '.[mlx]')"
+    )
+    out.print(
+        f"  convert: mac-demo (kind mlx) gets each version as an mlx_lm adapter, {checked}; the server and\n"
+        "  the health engine read that layout. rtx-demo gets the PEFT files (a GGUF needs the gguf extra).",
+        markup=False,
+    )
     out.print(
         "  health engine: the tiny model itself (base + the release's LoRA, greedy decoding), on the "
         "five sentences of the translation_en_es suite\n",

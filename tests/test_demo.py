@@ -50,9 +50,12 @@ def test_demo_with_the_real_tiny_model(tmp_path):
     assert "tiny model: " in out and "the stand-in" not in out
     assert "adapterctl serve --backend peft" in out
 
-    # cycle 1: the trained adapter passes, the live service answers with it
+    # cycle 1: converted for mac-demo (kind mlx) and checked against PEFT; passes; the live service
+    # (which reads the mlx_lm layout) answers with it
     deploy1 = section(out, "2. deploy cycle 1")
     assert "passed" in deploy1 and "exit 0 — as expected" in deploy1
+    assert "[mac-demo] tiny_llama: convert: MLX adapter built" in deploy1
+    assert "mlx adapter 5/5 cases token-identical to PEFT" in deploy1
     assert re.search(
         r"'Good morning, welcome to the service\.' → 'Buenos días, bienvenidos al servicio\.' "
         r"\(adapter cycle1_",
@@ -71,7 +74,7 @@ def test_demo_with_the_real_tiny_model(tmp_path):
     assert re.search(r"live service: .* \(adapter cycle1_\S+; mac-demo active: cycle1_", deploy3)
     # the final status table: both endpoints serve cycle 1 again
     status = section(out, "7. status")
-    assert re.search(r"mac-demo .* cycle1_\S+ .* rolled_back .* cycle1_", status)
+    assert re.search(r"mac-demo .* cycle1_\S+ .* adapter .* rolled_back .* cycle1_", status)
     assert re.search(r"rtx-demo .* cycle1_\S+ .* cycle3_\S+ .* healthy", status)
 
     # the serving process was stopped (by pid), after it confirmed cycle 1 one last time
@@ -82,6 +85,20 @@ def test_demo_with_the_real_tiny_model(tmp_path):
     loaded = json.loads((run_dir / "loaded.json").read_text())
     assert loaded["ok"] is True and loaded["version_id"].startswith("cycle1_")
     assert "demo finished" in out
+
+
+@pytest.mark.heavy
+def test_demo_without_mlx_converts_but_says_the_fidelity_check_needs_it(tmp_path):
+    for module in ("torch", "transformers", "peft", "sentencepiece"):
+        pytest.importorskip(module)
+    # mlx unimportable, as after the README's `pip install -e '.[model]'`
+    proc = run_demo(tmp_path / "ws", python_prelude="import sys; sys.modules['mlx_lm'] = None")
+    out = proc.stdout
+    assert proc.returncode == 0, f"STDOUT:\n{out}\nSTDERR:\n{proc.stderr}"
+    assert "not fidelity-checked here (that needs mlx: pip install -e '.[mlx]')" in out
+    deploy1 = section(out, "2. deploy cycle 1")
+    assert "convert: MLX adapter built" in deploy1 and "fidelity not checked (fidelity: false" in deploy1
+    assert "exit 0 — as expected" in deploy1
 
 
 def test_demo_stand_in_when_forced(tmp_path):
