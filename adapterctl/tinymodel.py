@@ -414,30 +414,36 @@ class Translator:
         self.newline = self.sp.piece_to_id("\n")
 
     def _merge(self, adapter_dir: Path) -> None:
-        """W += scale · B·A for every lora_A/lora_B pair (PEFT's LoRA forward, folded in); a release
-        converted for mlx_lm (adapters.safetensors) is read in that layout."""
+        """W += scale · B·A for every LoRA pair (PEFT's LoRA forward, folded in). PEFT's layout is
+        lora_A (r, in) / lora_B (out, r); a release converted for mlx_lm (adapters.safetensors) holds
+        their transposes lora_a (in, r) / lora_b (r, out) and lora_parameters.scale."""
         import numpy as np
         from safetensors.numpy import load_file
 
-        if (adapter_dir / MLX_WEIGHTS_FILE).is_file() and not (adapter_dir / WEIGHTS_FILE).is_file():
-            self._merge_mlx(adapter_dir)
-            return
+        mlx = (adapter_dir / MLX_WEIGHTS_FILE).is_file() and not (adapter_dir / WEIGHTS_FILE).is_file()
         try:
             cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-            tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
+            if mlx:
+                scale = float(cfg["lora_parameters"]["scale"])
+            else:
+                r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+                scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+            tensors = load_file(str(adapter_dir / (MLX_WEIGHTS_FILE if mlx else WEIGHTS_FILE)))
         except Exception as exc:  # missing file, bad JSON, bad safetensors header, missing key
             raise BadAdapter(f"{adapter_dir}: cannot read the adapter: {type(exc).__name__}: {exc}") from exc
-        scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+        a_key, b_key = (".lora_a", ".lora_b") if mlx else (".lora_A.", ".lora_B.")
         pairs = 0
         for name, a in sorted(tensors.items()):
-            if ".lora_A." not in name:
+            if a_key not in name:
                 continue
-            b = tensors.get(name.replace(".lora_A.", ".lora_B."))
-            target = name.removeprefix("base_model.model.").split(".lora_A.")[0] + ".weight"
+            b = tensors.get(name.replace(a_key, b_key))
+            target = name.removeprefix("base_model.model.").split(a_key)[0] + ".weight"
             if b is None or target not in self.w:
-                raise BadAdapter(f"{adapter_dir}: {name} has no lora_B pair or no base weight {target}")
-            delta = scale * (b.astype(np.float32) @ a.astype(np.float32))
+                raise BadAdapter(
+                    f"{adapter_dir}: {name} has no {b_key.strip('.')} pair or no base weight {target}"
+                )
+            a, b = a.astype(np.float32), b.astype(np.float32)
+            delta = scale * ((a @ b).T if mlx else b @ a)
             if delta.shape != self.w[target].shape:
                 raise BadAdapter(
                     f"{adapter_dir}: {name}: B·A is {delta.shape}, {target} is {self.w[target].shape}"
@@ -445,38 +451,7 @@ class Translator:
             self.w[target] = self.w[target] + delta
             pairs += 1
         if not pairs:
-            raise BadAdapter(f"{adapter_dir}: no lora_A/lora_B tensors")
-
-    def _merge_mlx(self, adapter_dir: Path) -> None:
-        """mlx_lm's layout: lora_a (in, r), lora_b (r, out), y += scale · x·a·b, so W += scale · (a·b)ᵀ."""
-        import numpy as np
-        from safetensors.numpy import load_file
-
-        try:
-            cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            scale = float(cfg["lora_parameters"]["scale"])
-            tensors = load_file(str(adapter_dir / MLX_WEIGHTS_FILE))
-        except Exception as exc:  # missing file, bad JSON, bad safetensors header, missing key
-            raise BadAdapter(
-                f"{adapter_dir}: cannot read the MLX adapter: {type(exc).__name__}: {exc}"
-            ) from exc
-        pairs = 0
-        for name, a in sorted(tensors.items()):
-            if not name.endswith(".lora_a"):
-                continue
-            b = tensors.get(name[: -len("lora_a")] + "lora_b")
-            target = name[: -len(".lora_a")] + ".weight"
-            if b is None or target not in self.w:
-                raise BadAdapter(f"{adapter_dir}: {name} has no lora_b pair or no base weight {target}")
-            delta = scale * (a.astype(np.float32) @ b.astype(np.float32)).T
-            if delta.shape != self.w[target].shape:
-                raise BadAdapter(
-                    f"{adapter_dir}: {name}: (a·b)ᵀ is {delta.shape}, {target} is {self.w[target].shape}"
-                )
-            self.w[target] = self.w[target] + delta
-            pairs += 1
-        if not pairs:
-            raise BadAdapter(f"{adapter_dir}: no lora_a/lora_b tensors")
+            raise BadAdapter(f"{adapter_dir}: no LoRA tensors ({a_key.strip('.')}/{b_key.strip('.')})")
 
     def _rms(self, x, weight):
         import numpy as np

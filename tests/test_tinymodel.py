@@ -146,3 +146,23 @@ def test_build_is_cached_and_deterministic(tiny, tmp_path):
         tiny.base_dir / "model.safetensors"
     ).read_bytes()
     assert not list(tmp_path.glob(".tinymodel-*"))  # the temporary build directory is gone
+
+
+def test_translator_reads_an_adapter_converted_for_mlx_lm_like_the_peft_one(tiny, tmp_path):
+    import json
+
+    import numpy as np
+
+    from adapterctl.mlxformat import peft_to_mlx
+
+    layers = json.loads((tiny.base_dir / "config.json").read_text())["num_hidden_layers"]
+    peft_to_mlx(tiny.good_adapter, tmp_path / "mlx", layers)
+    peft = tinymodel.Translator(tiny.base_dir, tiny.good_adapter)
+    mlx = tinymodel.Translator(tiny.base_dir, tmp_path / "mlx")
+    for english, _spanish in tinymodel.PAIRS_ES[:3]:
+        ids = peft.prompt_ids(english)
+        np.testing.assert_allclose(mlx.logits(ids), peft.logits(ids), atol=1e-4)
+        assert mlx.translate(english) == peft.translate(english)
+    (tmp_path / "mlx" / "adapters.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(tinymodel.BadAdapter, match="cannot read the adapter"):
+        tinymodel.Translator(tiny.base_dir, tmp_path / "mlx")
