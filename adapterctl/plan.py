@@ -483,7 +483,10 @@ def _endpoint_steps(
     holder = Step(
         "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep.name
     )
-    return [holder, *steps, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
+    # conversions run on this machine and may take minutes: before the endpoint is locked
+    converts = [s for s in steps if s.phase == "convert"]
+    rest = [s for s in steps if s.phase != "convert"]
+    return [*converts, holder, *rest, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
 
 
 def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:

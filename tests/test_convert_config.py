@@ -587,3 +587,10 @@ def test_sigusr1_reload_of_an_mlx_release_is_confirmed_with_the_versions_sha(mlx
     assert loaded["version_id"] == entry["version_id"] and loaded["sha256"] == entry["sha256"]
     [line] = mlx_ws.log()
     assert (line["status"], line["convert"]) == ("success", "built")
+
+
+def test_conversion_runs_before_the_endpoint_is_locked(mlx_ws):
+    """A conversion can take minutes on a real model: the endpoint is not held locked meanwhile."""
+    plan = json.loads(deploy(mlx_ws, "mac-dev", extra=("--dry-run", "--json")).stdout)
+    actions = [s["action"] for s in plan["steps"] if s["endpoint"] == "mac-dev"]
+    assert actions[:3] == ["convert", "lock", "transfer"] and actions[-1] == "unlock"
