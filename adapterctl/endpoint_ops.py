@@ -295,11 +295,34 @@ def gguf_header(path):
     return {"version": version, "tensors": tensors, "metadata": meta}
 
 
-def gguf_facts(path):
-    """sha256, size and the model-shape keys of a base GGUF on the endpoint (for GGUF LoRA checks)."""
+BASE_GGUF_HASHES = ".base-gguf-hashes.json"  # in adapter_dir: base GGUF sha256 by (path, size, mtime, inode)
+
+
+def _file_stamp(path):
+    st = os.stat(path)
+    return "%d|%d|%d" % (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def gguf_facts(path, adapter_dir=None):
+    """sha256, size and the model-shape keys of a base GGUF on the endpoint (for GGUF LoRA checks).
+
+    The sha256 comes from `adapter_dir`'s hash cache when the file's size, mtime and inode are the
+    recorded ones (`sha256_cached`); otherwise it is computed (seconds per GB) and `stamp` says what
+    `remember_base_gguf` records after a deploy. Reads only."""
     if not os.path.isfile(path):
         return {"exists": False, "path": path}
-    out = {"exists": True, "path": path, "size": os.path.getsize(path), "sha256": sha256_file(path)}
+    stamp = _file_stamp(path)
+    known = {}
+    if adapter_dir:
+        try:
+            known = read_json_file(os.path.join(adapter_dir, BASE_GGUF_HASHES)) or {}
+        except OpError:
+            known = {}
+    entry = known.get(path) or {}
+    cached = entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str)
+    sha = entry["sha256"] if cached else sha256_file(path)
+    out = {"exists": True, "path": path, "size": os.path.getsize(path), "sha256": sha}
+    out.update(sha256_cached=cached, stamp=stamp)
     try:
         meta = gguf_header(path)["metadata"]
     except ValueError as exc:
@@ -385,7 +408,7 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
     if pidfile:
         out["pid"] = check_pidfile(pidfile)
     if base_gguf:
-        out["base_gguf"] = gguf_facts(base_gguf)
+        out["base_gguf"] = gguf_facts(base_gguf, adapter_dir)
     if loaded_file:
         try:
             out["loaded"] = read_json_file(loaded_file)
@@ -434,6 +457,21 @@ def prepare_staging(adapter_dir, model, version, files=None, link_from=None, dro
         else:
             send.append(rel)
     return {"path": path, "linked": linked, "kept": kept, "send": send}
+
+
+@op
+def remember_base_gguf(adapter_dir, path, stamp, sha256):
+    """Record a base GGUF's sha256 under its (size, mtime, inode) stamp, if the file still has it."""
+    if not os.path.isfile(path) or _file_stamp(path) != stamp:
+        return False
+    cache = os.path.join(adapter_dir, BASE_GGUF_HASHES)
+    try:
+        known = read_json_file(cache) or {}
+    except OpError:  # a damaged cache is only a cache: start it again
+        known = {}
+    known[path] = {"stamp": stamp, "sha256": sha256}
+    atomic_write_json(cache, known)
+    return True
 
 
 @op

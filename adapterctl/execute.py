@@ -506,6 +506,19 @@ class _Run:
         )
         self.say(step, f"hashes verified on the endpoint; published releases/{step.version}")
 
+    def do_remember_base_gguf(self, step: Step, out: Outcome) -> None:
+        ep, tr = self.ep(step)
+        try:  # a cache only: failing to write it must not fail the deploy
+            tr.call(
+                "remember_base_gguf",
+                adapter_dir=ep.adapter_dir,
+                path=step.arg("path"),
+                stamp=step.arg("stamp"),
+                sha256=step.arg("sha256"),
+            )
+        except AdapterctlError as exc:
+            self.say(step, f"warning: could not record the base GGUF's sha256: {exc}")
+
     def do_health(self, step: Step, out: Outcome) -> None:
         result = self.health(step, f"releases/{step.version}")
         if result is not None:

@@ -324,6 +324,7 @@ def _endpoint_steps(
 ) -> list[Step]:
     converter = converter or ConvertPlanner(cfg)
     steps: list[Step] = []
+    remembered = False  # the base GGUF's hash is recorded once per endpoint
     links = compat_link_paths(ep)
     for t in targets:
         mf = facts["models"][t.model]
@@ -404,6 +405,19 @@ def _endpoint_steps(
                     f"staging/{t.version_id}.tmp → releases/{t.version_id}",
                     **base,
                     args=(("files", files), ("key", conv.key)),
+                )
+            )
+        bg = facts.get("base_gguf") or {}
+        if conv.spec.format == "lora" and bg.get("exists") and not bg.get("sha256_cached") and not remembered:
+            remembered = True
+            steps.append(
+                Step(
+                    "transfer",
+                    "remember_base_gguf",
+                    f"record {bg['path']}'s sha256 there by size, mtime and inode: the next deploy "
+                    "reads it instead of hashing the base GGUF again",
+                    **base,
+                    args=(("path", bg["path"]), ("stamp", bg.get("stamp")), ("sha256", bg.get("sha256"))),
                 )
             )
         model_cfg = cfg.models[t.model]

@@ -253,6 +253,13 @@ def test_gguf_lora_on_the_endpoints_base_and_a_base_that_does_not_match_is_refus
     release_holds(ws, "linux-2", vid, art["files"])
     assert list(art["files"]) == ["adapter.gguf"]
     assert log_of(ws, "linux-2")[-1]["health_check_results"]["pre_activation"]["all_passed"] is True
+    # the base GGUF's sha256 is recorded there by size+mtime+inode: the next plan does not re-hash it
+    hashes = json.loads((ws.dirs["linux-2"] / ".base-gguf-hashes.json").read_text())
+    assert hashes[str(kept)]["sha256"] == good_sha
+    add_run(ws, "run3", ws.parts["good2"])
+    plan = json.loads(deploy(ws, 3, "linux-2", extra=("--dry-run", "--json")).stdout)
+    assert "remember_base_gguf" not in [step["action"] for step in plan["steps"]]
+    shutil.rmtree(ws.sources[MODEL] / "run3")
 
     # the file there is no longer the configured base: refused before anything is sent
     with open(kept, "r+b") as f:
