@@ -271,3 +271,25 @@ def test_names_with_dotdot_or_slash_are_refused(adapter_dir, op, args):
     assert error_kind(op, adapter_dir=str(adapter_dir), **args) == "invalid"
     assert sorted(p.name for p in adapter_dir.parent.parent.iterdir()) == before
     assert list(adapter_dir.iterdir()) == []
+
+
+def test_base_gguf_hash_is_recorded_by_stamp_and_recomputed_when_the_file_changes(tmp_path):
+    from adapterctl import endpoint_ops
+
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    gguf = tmp_path / "base.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(100))
+    first = endpoint_ops.gguf_facts(str(gguf), str(adapter_dir))
+    assert first["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest() and not first["sha256_cached"]
+    assert not endpoint_ops.remember_base_gguf(str(adapter_dir), str(gguf), "1|2|3", first["sha256"])
+    assert endpoint_ops.remember_base_gguf(str(adapter_dir), str(gguf), first["stamp"], first["sha256"])
+    again = endpoint_ops.gguf_facts(str(gguf), str(adapter_dir))
+    assert again["sha256_cached"] and again["sha256"] == first["sha256"]
+    gguf.write_bytes(b"GGUF" + bytes(99) + b"\x01")  # same size, new bytes and mtime
+    os.utime(gguf, ns=(0, 10**9))
+    changed = endpoint_ops.gguf_facts(str(gguf), str(adapter_dir))
+    assert not changed["sha256_cached"] and changed["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    (adapter_dir / endpoint_ops.BASE_GGUF_HASHES).write_text("{not json")  # a damaged cache is only a cache
+    assert not endpoint_ops.gguf_facts(str(gguf), str(adapter_dir))["sha256_cached"]
+    assert endpoint_ops.remember_base_gguf(str(adapter_dir), str(gguf), changed["stamp"], changed["sha256"])
