@@ -7,25 +7,23 @@ import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from adapterctl.config import Config
 from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
-from adapterctl.execute import STATUS_EXIT, Identity, Report, RunContext, execute, iso, utc_now, worst
-from adapterctl.manifest import Manifest, locked
+from adapterctl.execute import Report, RunContext, execute
+from adapterctl.outcome import worst
+from adapterctl.facts import gather
+from adapterctl.identity import Identity, utc_now
+from adapterctl.manifest import Manifest
 from adapterctl.names import check_cycle, check_version_id
-from adapterctl.plan import Plan, Target, consent_missing, gather_facts, plan_deploy, plan_rollback
+from adapterctl.plan import Plan, Target, consent_missing, plan_deploy, plan_rollback
+from adapterctl.registration import register_version
 from adapterctl.transports import open_transport
 from adapterctl.transports.base import Transport
-from adapterctl.versioning import (
-    check_existing,
-    inspect_adapter,
-    manifest_entry,
-    newest_adapter,
-    store_copy,
-    version_id,
-)
+from adapterctl.versioning import check_existing, inspect_adapter, newest_adapter, version_id
+
+__all__ = ["register_version", "deploy", "rollback", "convert_versions", "status", "read_log"]
 
 
 def split_names(values: Iterable[str] | None) -> list[str]:
@@ -51,48 +49,6 @@ def select_endpoints(cfg: Config, names: list[str]) -> list[str]:
 
 def new_deployment_id(clock: Callable[[], datetime]) -> str:
     return f"{clock():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-# -- version phase ---------------------------------------------------------------------------
-def register_version(
-    cfg: Config,
-    model: str,
-    source: Path,
-    cycle: int | None,
-    clock: Callable[[], datetime],
-    identity: Identity,
-    expect: Target | None = None,
-) -> tuple[str, bool]:
-    """Validate, hash and store an adapter; record it. Returns (version_id, newly_created).
-
-    Raises AdapterInvalid, VersionConflict, ManifestCorrupt.
-    """
-    if cycle is None:
-        raise UsageError("registering a new adapter needs --cycle N")
-    check_cycle(cycle)
-    # the planner already validated and hashed it; the store copy below re-checks every byte
-    info = expect.info if expect is not None and expect.info is not None else inspect_adapter(source)
-    with locked(cfg.store) as manifest:
-        existing = manifest.by_sha(model, info.sha256)
-        check_existing(model, existing, info)
-        if existing:
-            store_copy(cfg.store, model, existing["version_id"], info)  # heal a missing store dir
-            return existing["version_id"], False
-        vid = version_id(cycle, clock(), info.sha256)
-        if expect is not None and expect.version_id != vid:
-            raise VersionConflict(
-                f"model {model}: {source} changed since the plan was made "
-                f"(now {vid}, planned {expect.version_id})",
-                "run the command again",
-            )
-        clash = manifest.version(model, vid)
-        if clash:
-            raise VersionConflict(f"model {model}: {vid} is already registered with sha256 {clash['sha256']}")
-        store_copy(cfg.store, model, vid, info)
-        manifest.add_version(
-            model, manifest_entry(info, vid, cycle, iso(clock()), f"{identity.user}@{identity.host}")
-        )
-        return vid, True
 
 
 def _target_from_source(cfg: Config, manifest: Manifest, model: str, cycle: int, clock) -> Target:
@@ -151,9 +107,8 @@ def resolve_targets(
 
 def _check_health_config(cfg: Config, models: Iterable[str], endpoints: Iterable[str] = ()) -> None:
     """Load every suite and engine a run will need, so a bad one stops it before anything is written."""
-    from adapterctl.convert import spec_for
     from adapterctl.health import make_engine, resolve_suite
-    from adapterctl.health.engines import spec_for_endpoint
+    from adapterctl.plan import health_spec_on
 
     eps = [cfg.endpoints[e] for e in endpoints]
     for m in models:
@@ -165,10 +120,7 @@ def _check_health_config(cfg: Config, models: Iterable[str], endpoints: Iterable
                     if spec.engine != "auto":
                         make_engine(asdict(spec))
                     continue
-                base_gguf = ep.base_gguf.path if ep.base_gguf else None
-                make_engine(
-                    spec_for_endpoint(asdict(spec), ep.kind, spec_for(cfg.models[m], ep).format, base_gguf)
-                )
+                make_engine(health_spec_on(cfg.models[m], ep))
 
 
 @dataclass
@@ -188,7 +140,7 @@ class Session:
 
         def one(name: str) -> Any:
             try:
-                return gather_facts(self.cfg.endpoints[name], self.transports[name], models_of(name))
+                return gather(self.cfg.endpoints[name], self.transports[name], models_of(name))
             except AdapterctlError as exc:
                 return exc
 
@@ -253,6 +205,8 @@ def _plan_and_run(
             opts.command,
             opts.parallel,
             opts.board,
+            opts.allow_outage,
+            opts.health_local,
         )
         report = execute(plan, ctx)
         report.exit_code = worst([report.exit_code, blocked])
@@ -313,7 +267,6 @@ def convert_versions(
     """`adapterctl convert`: the convert phase alone for registered versions (default: each model's
     newest) and the selected endpoints' kinds. Needs no endpoint connection; records artifacts in
     the manifest, writes no deploy log line."""
-    from adapterctl.execute import _Run
     from adapterctl.plan import plan_convert
 
     opts = opts or RunOptions()
@@ -338,12 +291,10 @@ def convert_versions(
     if opts.dry_run:
         return Report(plan, [], 0, dry_run=True)
     opts.on_plan(plan)
-    ctx = RunContext(cfg, {}, opts.identity or Identity.current(), opts.clock, opts.progress)
-    run = _Run(plan, ctx)
-    for step in plan.steps:
-        run.run_endpoint([step])
-    outcomes = list(run.outcomes.values())
-    return Report(plan, outcomes, worst([STATUS_EXIT[o.status] for o in outcomes]))
+    ctx = RunContext(
+        cfg, {}, opts.identity or Identity.current(), opts.clock, opts.progress, command=opts.command
+    )
+    return execute(plan, ctx)
 
 
 def prune_conversions(cfg: Config, dry_run: bool = False) -> tuple[list[tuple[str, int]], list[str]]:
@@ -389,7 +340,7 @@ def rollback(
         if models == [] and to in ("previous", "base"):
             # with no --models, roll back only the models that have something to roll back to
             slot = "previous" if to == "previous" else "active"
-            chosen_pairs = [(e, m) for e, m in pairs if facts[e]["models"][m][slot]] or pairs
+            chosen_pairs = [(e, m) for e, m in pairs if getattr(facts[e].models[m], slot)] or pairs
         return plan_rollback(
             cfg, new_deployment_id(opts.clock), chosen_pairs, facts, to, allow_outage=opts.allow_outage
         )
@@ -407,45 +358,51 @@ def status(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[dict[str,
         facts = session.facts(lambda e: [m for m in cfg.models if cfg.endpoints[e].serves(m)])
     finally:
         session.close()
+    from adapterctl.journal import state_of
+
     for name, f in facts.items():
         ep = cfg.endpoints[name]
         if isinstance(f, AdapterctlError):
             rows.append({"endpoint": name, "model": None, "kind": ep.kind, "error": str(f)})
             continue
-        recorded = (f.get("status") or {}).get("models", {})
-        for model, mf in f["models"].items():
-            st = recorded.get(model, {})
+        for model, mf in f.models.items():
+            st = f.model_status(model)
             drift = []
-            if st and st.get("active_version") != mf["active"]:
+            if st and st.get("active_version") != mf.active:
                 drift.append(
-                    f"status.json says active {st.get('active_version')}, link points at {mf['active']}"
+                    f"status.json says active {st.get('active_version')}, link points at {mf.active}"
                 )
-            if mf["active"] and mf["active"] != "?" and not manifest.version(model, mf["active"]):
-                drift.append(f"{mf['active']} is not in the manifest")
-            if f.get("status_error"):
-                drift.append(f["status_error"])
+            if mf.active and mf.active != "?" and not manifest.version(model, mf.active):
+                drift.append(f"{mf.active} is not in the manifest")
+            if f.status_error:
+                drift.append(f.status_error)
+            open_txn = f.journal if f.journal and f.journal.begin.get("model") == model else None
+            pending = state_of(open_txn, mf) if open_txn else None
+            health = st.get("health_status")
+            if pending is not None:  # a command stopped mid-transaction: say so, and what the next one does
+                health = f"interrupted ({pending.name})"
+            active = mf.release(mf.active)
             rows.append(
                 {
                     "endpoint": name,
                     "model": model,
                     "kind": ep.kind,
                     "reload_method": ep.reload_method,
-                    "active": mf["active"],
-                    "active_format": next(
-                        (
-                            " ".join(x for x in (r.get("format"), r.get("quant")) if x)
-                            for r in mf["releases"]
-                            if r["version_id"] == mf["active"]
-                        ),
-                        None,
-                    ),
-                    "previous": mf["previous"],
-                    "releases": [r["version_id"] for r in mf["releases"]],
-                    "health_status": st.get("health_status"),
+                    "active": mf.active,
+                    "active_format": " ".join(x for x in (active.format, active.quant) if x)
+                    if active
+                    else None,
+                    "previous": mf.previous,
+                    "releases": [r.version_id for r in mf.releases],
+                    "health_status": health,
                     "last_good_version": st.get("last_good_version"),
                     "last_reload": st.get("last_reload"),
                     "drift": drift,
-                    "locked_by": (f.get("lock") or {}).get("deployment_id"),
+                    "pending": f"next command: {pending.text}" if pending else None,
+                    "locked_by": (f.lock.holder or {}).get("deployment_id") if f.lock else None,
+                    "lock_problem": f.lock.describe(f"{ep.adapter_dir}/.adapterctl.lock")
+                    if f.lock and f.lock.state != "held"
+                    else None,
                     "error": None,
                 }
             )

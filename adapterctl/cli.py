@@ -110,143 +110,29 @@ def _split(values: list[str] | None) -> list[str]:
     return split_names(values)
 
 
-# -- rendering -----------------------------------------------------------------------------------
+# -- rendering (adapterctl.report) ---------------------------------------------------------------
 def render_plan(plan, console: Console, dry_run: bool) -> None:
-    from adapterctl.plan import human_bytes
+    from adapterctl.report import render_plan as render
 
-    head = "DRY RUN — nothing will be changed" if dry_run else "executing"
-    console.print(f"Plan {plan.kind} {plan.deployment_id} ({head}); {len(plan.steps)} steps")
-    group: tuple[Any, ...] = ()
-    for s in plan.steps:
-        key = (s.endpoint, s.model, s.version)
-        if key != group:
-            group = key
-            if s.endpoint is None:
-                console.print("  phase version (training box)")
-            elif s.model is None:
-                console.print(f"  endpoint {s.endpoint}")
-            else:
-                console.print(
-                    f"  endpoint {s.endpoint} · model {s.model} · version {s.version or '(base model)'}"
-                )
-        size = f"  [{human_bytes(s.bytes)}]" if s.phase == "transfer" and s.action == "transfer" else ""
-        console.print(f"    {s.phase:<13} {s.summary}{size}", markup=False)
-    for note in plan.notes:
-        console.print(f"  · {note}", markup=False)
-    for ep, _model, why in plan.blocked:
-        console.print(f"  ✗ {ep}: cannot run: {why}", markup=False)
-    console.print(f"  bytes to send: {human_bytes(plan.bytes_to_send())}")
-
-
-def _report_json(report) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    return {
-        "kind": report.plan.kind,
-        "deployment_id": report.plan.deployment_id,
-        "dry_run": report.dry_run,
-        "exit_code": report.exit_code,
-        "steps": [
-            asdict(s) | {"args": {k: asdict(v) if is_dataclass(v) else v for k, v in s.args}}
-            for s in report.plan.steps
-        ],
-        "notes": list(report.plan.notes),
-        "blocked": [{"endpoint": e, "model": m, "reason": w} for e, m, w in report.plan.blocked],
-        "bytes_to_send": report.plan.bytes_to_send(),
-        "outcomes": [
-            {k: v for k, v in vars(o).items() if k not in ("started", "swapped")} for o in report.outcomes
-        ],
-    }
+    render(plan, console, dry_run)
 
 
 def _add_row(table: Table, *cells: Any) -> None:
-    """A table row of plain text: brackets in errors and hints (`pip install '.[gguf]'`) are not markup."""
-    from rich.text import Text
+    from adapterctl.report import add_row
 
-    table.add_row(*(Text(str(c)) if c is not None else None for c in cells))
+    add_row(table, *cells)
 
 
 def _short(text: str | None, width: int = 80) -> str:
-    first = (text or "").split("\n", 1)[0]
-    return first if len(first) <= width and first == (text or "") else first[: width - 1] + "…"
+    from adapterctl.report import _short as short
+
+    return short(text, width)
 
 
 def _print_report(report, as_json: bool) -> None:
-    if as_json:
-        out.print_json(json.dumps(_report_json(report), default=str))
-        return
-    if report.dry_run:
-        render_plan(report.plan, out, True)
-        return
-    if report.plan.kind == "convert":
-        _print_conversions(report)
-        return
-    table = Table(title=f"{report.plan.kind} {report.plan.deployment_id}")
-    for col in ("endpoint", "model", "version", "status", "phases", "sent", "detail"):
-        table.add_column(col, overflow="fold")
-    from adapterctl.plan import human_bytes
+    from adapterctl.report import print_report
 
-    for o in sorted(
-        report.outcomes,
-        key=lambda o: (
-            report.plan.endpoints.index(o.endpoint) if o.endpoint in report.plan.endpoints else 0,
-            o.model,
-        ),
-    ):
-        _add_row(
-            table,
-            o.endpoint,
-            o.model,
-            o.version or "-",
-            o.status,
-            " ".join(o.phases_completed),
-            human_bytes(o.bytes_sent),
-            _short(o.error)
-            if o.error
-            else (f"convert: {o.convert}" if o.convert not in (None, "peft") else ""),
-        )
-    for ep, _m, why in report.plan.blocked:
-        _add_row(table, ep, "-", "-", "failed", "", "", why)
-    if report.outcomes or report.plan.blocked:
-        out.print(table)
-    for o in report.outcomes:
-        if o.error and (len(o.error) > 80 or "\n" in o.error):
-            out.print(f"{o.endpoint}/{o.model}: {o.error}", markup=False)
-    for note in report.plan.notes:
-        out.print(note, markup=False)
-
-
-def _print_conversions(report) -> None:
-    from adapterctl.plan import human_bytes
-
-    table = Table(title=f"convert {report.plan.deployment_id}")
-    for col in ("endpoint", "model", "version", "artifact", "result", "size", "fidelity", "cache entry"):
-        table.add_column(col, overflow="fold")
-    for o in report.outcomes:
-        art = o.artifact or {}
-        fid = art.get("fidelity") or {}
-        if fid.get("checked"):
-            fidelity = "; ".join(
-                f"{r['artifact']}: {r['identical']}/{fid['cases']} identical, suite "
-                + ("passed" if r["suite_passed"] else "FAILED")
-                for r in fid.get("results", [])
-            )
-        else:
-            fidelity = fid.get("reason", "")
-        what = " ".join(str(art[k]) for k in ("format", "quant") if art.get(k)) or "PEFT as is"
-        size = human_bytes(art["size_bytes"]) if art else ""
-        _add_row(
-            table,
-            o.endpoint,
-            o.model,
-            o.version,
-            what,
-            o.convert or o.status,
-            size,
-            o.error or fidelity,
-            art.get("dir", ""),
-        )
-    out.print(table)
+    print_report(report, as_json, out)
 
 
 def _run(fn, *args, **kwargs) -> Any:
@@ -287,7 +173,7 @@ class ProgressBoard:
 
     def start(self, plan) -> None:
         for name in plan.endpoints:
-            total = sum(s.bytes for s in plan.steps if s.endpoint == name and s.phase == "transfer")
+            total = sum(s.bytes for s in plan.steps if s.endpoint == name)
             self.tasks[name] = self.bars.add_task(f"{name}: waiting", total=max(total, 1))
         self.bars.start()
 
@@ -514,6 +400,7 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
         "drift",
     ):
         table.add_column(col, overflow="fold")
+    pending = [r for r in rows if r.get("pending") or r.get("lock_problem")]
     for r in rows:
         if r.get("error"):
             _add_row(table, r["endpoint"], "-", r["kind"], "", "", "", "unreachable", "", "", "see below")
@@ -532,6 +419,10 @@ def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
             "; ".join(r["drift"]) or "",
         )
     out.print(table)
+    for r in pending:
+        for line in (r.get("pending"), r.get("lock_problem")):
+            if line:
+                out.print(f"{r['endpoint']}/{r['model']}: {line}", markup=False)
     for r in unreachable:
         err.print(f"{r['endpoint']}: {r['error']}", markup=False)
     raise typer.Exit(1 if unreachable else 0)
@@ -602,7 +493,7 @@ def register(
 ) -> None:
     """Validate, hash and store an adapter in the manifest (the version phase alone)."""
     from adapterctl import api
-    from adapterctl.execute import Identity, utc_now
+    from adapterctl.identity import Identity, utc_now
     from adapterctl.versioning import newest_adapter
 
     cfg = _run(_config)

@@ -9,7 +9,8 @@ from typing import Any
 from adapterctl.config import Config, EndpointConfig
 from adapterctl.errors import AdapterctlError
 from adapterctl.manifest import Manifest
-from adapterctl.plan import gather_facts, human_bytes, loaded_file
+from adapterctl.facts import gather, loaded_file
+from adapterctl.steps import human_bytes
 from adapterctl.transports.base import Transport
 
 
@@ -87,30 +88,31 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
         "install python3: adapterctl verifies hashes with the endpoint's python3 hashlib",
     )
     try:
-        facts = gather_facts(ep, tr, [m for m in cfg.models if ep.serves(m)])
+        models = [m for m in cfg.models if ep.serves(m)]
+        facts = gather(ep, tr, models)
     except AdapterctlError as exc:
         add("adapter_dir", False, exc.message, exc.hint or "")
         return checks
-    if facts.get("problem"):
-        add("adapter_dir", False, facts["problem"], "move that file aside, or choose another adapter_dir")
+    if facts.problem:
+        add("adapter_dir", False, facts.problem, "move that file aside, or choose another adapter_dir")
         return checks
-    where = ep.adapter_dir if facts["adapter_dir_exists"] else f"{ep.adapter_dir} (created on first deploy)"
+    where = ep.adapter_dir if facts.adapter_dir_exists else f"{ep.adapter_dir} (created on first deploy)"
     add(
         "adapter_dir writable",
-        facts["writable"],
+        facts.writable,
         where,
         f"let the SSH user write {ep.adapter_dir} (or its parent): chown/chmod it on the endpoint",
     )
     need = _need_bytes(cfg, manifest, ep)
     add(
         "free disk",
-        facts["free_bytes"] >= need,
-        f"{human_bytes(facts['free_bytes'])} free, a deploy of the newest versions needs {human_bytes(need)}",
+        facts.free_bytes >= need,
+        f"{human_bytes(facts.free_bytes)} free, a deploy of the newest versions needs {human_bytes(need)}",
         "free space on the endpoint or lower keep_releases",
     )
     if ep.reload_method == "sigusr1":
-        pid = facts.get("pid") or {}
-        loaded = facts.get("loaded")
+        pid = {"pid": facts.pid.pid, "alive": facts.pid.alive, "error": facts.pid.error} if facts.pid else {}
+        loaded = facts.loaded
         detail = f"pid {pid.get('pid')} running" if pid.get("alive") else (pid.get("error") or "no pid")
         if loaded:
             detail += f"; it reports {loaded.get('version_id') or 'no adapter'} loaded"
@@ -128,7 +130,7 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
                 "use adapterctl.serving.AdapterReloader in the service (it writes loaded.json)",
             )
     elif ep.reload_method == "restart":
-        manager = "launchctl" if facts.get("platform") == "darwin" else "systemctl"
+        manager = "launchctl" if facts.platform == "darwin" else "systemctl"
         found = tr.run(["sh", "-c", f"command -v {manager}"], timeout=30)
         add(
             "service manager",
@@ -143,17 +145,40 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
                 "restart reloads mean a 10–20 s outage: deploys need --allow-outage",
                 "set allow_outage: true for this endpoint if that outage is acceptable",
             )
-    lock = facts.get("lock")
+    lock = facts.lock
     if lock:
+        path = f"{ep.adapter_dir}/.adapterctl.lock"
         add(
             "lock",
-            None,
-            f"held by {lock.get('user')}@{lock.get('host')} pid {lock.get('pid')} since "
-            f"{lock.get('started_at')} ({lock.get('deployment_id')})",
-            "wait for that deploy, or break a stale lock with deploy --break-lock",
+            None if lock.state == "held" else False,
+            lock.describe(path),
+            "wait for that command, or break the lock with --break-lock"
+            if lock.state == "held"
+            else "no command holds a valid lock there: rerun with --break-lock",
         )
-    if facts.get("status_error"):
-        add("status.json", False, facts["status_error"], "repair or move status.json aside")
+    if facts.journal:
+        from adapterctl.journal import state_of
+
+        state = state_of(facts.journal, facts.models.get(facts.journal.begin.get("model")))
+        add(
+            "unfinished transaction",
+            None,
+            state.text,
+            "the next deploy or rollback of this endpoint finishes it",
+        )
+    if facts.status_error:
+        add("status.json", False, facts.status_error, "repair or move status.json aside")
+    keep = [facts.journal.begin.get("version")] if facts.journal else []
+    left = tr.call("leftovers", adapter_dir=ep.adapter_dir, models=models, keep=keep)
+    if left:
+        total = sum(x["bytes"] for x in left)
+        add(
+            "leftovers",
+            None,
+            f"{len(left)} temp paths of interrupted commands, {human_bytes(total)}: "
+            + "; ".join(f"{x['path']} ({human_bytes(x['bytes'])})" for x in left[:5]),
+            "`adapterctl gc` removes them (a rerun of the same deploy reuses its staging instead)",
+        )
     return checks
 
 

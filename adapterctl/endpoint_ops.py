@@ -24,6 +24,10 @@ RELEASE_FILE = "RELEASE.json"
 PARTIAL_DIR = ".rsync-partial"  # rsync --partial-dir: resumable pieces, never under a final name
 STATUS_FILE = "status.json"
 LOCK_FILE = ".adapterctl.lock"
+STATE_DIR = ".adapterctl"  # in adapter_dir: journal.jsonl (one line per transaction record)
+JOURNAL_FILE = "journal.jsonl"
+JOURNAL_ROTATE_BYTES = 1 << 20  # a new transaction starts a fresh journal past this size
+_RSYNC_TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9]{6}$")  # rsync's in-progress name for `name`
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _VERSION = re.compile(r"^cycle\d{1,6}_\d{8}_[0-9a-f]{8}$")
 
@@ -33,9 +37,9 @@ OPS = {}
 class OpError(Exception):
     """A failed endpoint operation; `kind` lets the caller map it to a typed error."""
 
-    def __init__(self, kind, message, hint=None):
+    def __init__(self, kind, message, hint=None, data=None):
         Exception.__init__(self, message)
-        self.kind, self.message, self.hint = kind, message, hint
+        self.kind, self.message, self.hint, self.data = kind, message, hint, data
 
 
 def op(fn):
@@ -175,6 +179,12 @@ def list_files(root):
     return sorted(out)
 
 
+def file_stamp(path):
+    """(size, mtime_ns, inode) of a file as one string: equal stamps mean the bytes were not rewritten."""
+    st = os.stat(path)
+    return "%d|%d|%d" % (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def hash_files(root):
     return {rel: sha256_file(os.path.join(root, rel)) for rel in list_files(root)}
 
@@ -204,7 +214,14 @@ def copy_tree(src, dest, names, progress=None):
         s, d = os.path.join(src, rel), os.path.join(dest, rel)
         os.makedirs(os.path.dirname(d), exist_ok=True)
         part = os.path.join(os.path.dirname(d), "." + os.path.basename(d) + ".partial")
-        with open(s, "rb") as fi, open(part, "wb") as fo:
+        # an interrupted copy resumes where it stopped; the publish step re-hashes every byte
+        have = os.path.getsize(part) if os.path.isfile(part) else 0
+        if have > os.path.getsize(s):
+            have = 0
+        with open(s, "rb") as fi, open(part, "r+b" if have else "wb") as fo:
+            fi.seek(have)
+            fo.seek(have)
+            fo.truncate()
             while True:
                 block = fi.read(CHUNK)
                 if not block:
@@ -298,11 +315,6 @@ def gguf_header(path):
 BASE_GGUF_HASHES = ".base-gguf-hashes.json"  # in adapter_dir: base GGUF sha256 by (path, size, mtime, inode)
 
 
-def _file_stamp(path):
-    st = os.stat(path)
-    return "%d|%d|%d" % (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
 def gguf_facts(path, adapter_dir=None):
     """sha256, size and the model-shape keys of a base GGUF on the endpoint (for GGUF LoRA checks).
 
@@ -311,7 +323,7 @@ def gguf_facts(path, adapter_dir=None):
     `remember_base_gguf` records after a deploy. Reads only."""
     if not os.path.isfile(path):
         return {"exists": False, "path": path}
-    stamp = _file_stamp(path)
+    stamp = file_stamp(path)
     known = {}
     if adapter_dir:
         try:
@@ -369,10 +381,8 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
         out["status"] = read_json_file(os.path.join(adapter_dir, STATUS_FILE)) if not out["problem"] else None
     except OpError as exc:
         out["status_error"] = exc.message
-    try:
-        out["lock"] = None if out["problem"] else read_json_file(os.path.join(adapter_dir, LOCK_FILE))
-    except OpError:
-        out["lock"] = {"holder": "unreadable lock file"}
+    out["lock"] = None if out["problem"] else read_lock(adapter_dir)
+    out["journal"] = None if out["problem"] else journal_open(adapter_dir)
     for model in models:
         mdir = _model_dir(adapter_dir, model)
         releases = []
@@ -396,9 +406,10 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
                 }
             )
         sdir = os.path.join(mdir, "staging")
-        staging = (
-            sorted(n[:-4] for n in os.listdir(sdir) if n.endswith(".tmp")) if os.path.isdir(sdir) else []
-        )
+        staging = {}
+        for n in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+            if n.endswith(".tmp") and _VERSION.match(n[:-4]) and os.path.isdir(os.path.join(sdir, n)):
+                staging[n[:-4]] = _staged_sizes(os.path.join(sdir, n))
         out["models"][model] = {
             "active": _link_target(adapter_dir, model, "active"),
             "previous": _link_target(adapter_dir, model, "previous"),
@@ -424,45 +435,132 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
     return out
 
 
+def _staged_sizes(path):
+    """{rel: size} of what a staging dir holds; resumable pieces as "partial:rel" (for the plan)."""
+    sizes = {}
+    for dirpath, _dirs, filenames in os.walk(path):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, path)
+            if rel.startswith(PARTIAL_DIR + os.sep):
+                rel = "partial:" + rel[len(PARTIAL_DIR) + 1 :]
+            elif name.startswith("."):
+                m = _RSYNC_TEMP.match(name)
+                base = name[1 : -len(".partial")] if name.endswith(".partial") else m.group(1) if m else None
+                if base is None:
+                    continue
+                rel = "partial:" + os.path.normpath(os.path.join(os.path.dirname(rel), base))
+            try:
+                sizes[rel] = max(sizes.get(rel, 0), os.path.getsize(full))
+            except OSError:
+                pass
+    return sizes
+
+
+def _piece_of(name, reldir, files):
+    """The expected file an in-progress piece (`.name.partial` of a local copy, rsync's `.name.XXXXXX`)
+    belongs to, or None."""
+    m = _RSYNC_TEMP.match(name)
+    base = name[1 : -len(".partial")] if name.endswith(".partial") else m.group(1) if m else None
+    rel = os.path.normpath(os.path.join(reldir, base)) if base else None
+    return rel if rel in files else None
+
+
+def _adopt_pieces(path, files):
+    """Tidy a staging dir left by an interrupted transfer so the next one resumes from it.
+
+    A local copy's `.name.partial` stays where it is (copy_tree appends to it); rsync's in-progress
+    file (`.name.XXXXXX`, left when its receiver was killed) moves into the partial dir, where a
+    delta transfer continues from it. Anything else that is not an expected file is removed.
+    Returns how many resumable pieces there are."""
+    pieces = 0
+    for dirpath, dirnames, filenames in os.walk(path, topdown=True):
+        dirnames[:] = [d for d in dirnames if d != PARTIAL_DIR]
+        reldir = os.path.relpath(dirpath, path)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.normpath(os.path.join(reldir, name)) in files:
+                continue
+            owner = _piece_of(name, reldir, files)
+            if owner is not None and name.endswith(".partial"):
+                pieces += 1
+                continue
+            keep = os.path.join(path, PARTIAL_DIR, owner) if owner else None
+            if keep and (not os.path.isfile(keep) or os.path.getsize(keep) < os.path.getsize(full)):
+                os.makedirs(os.path.dirname(keep), exist_ok=True)
+                os.replace(full, keep)
+            else:
+                os.unlink(full)
+    pdir = os.path.join(path, PARTIAL_DIR)
+    for dirpath, _dirs, filenames in os.walk(pdir):
+        for name in filenames:
+            if os.path.relpath(os.path.join(dirpath, name), pdir) in files:
+                pieces += 1
+            else:
+                os.unlink(os.path.join(dirpath, name))
+    return pieces
+
+
+def _basis_ok(src_dir, rel, sha, stamps, rehash):
+    """Whether release file `rel` still holds `sha`: its stamp unchanged since publish, or re-hashed."""
+    full = os.path.join(src_dir, rel)
+    if not os.path.isfile(full) or os.path.islink(full):
+        return False
+    if not rehash and stamps.get(rel) is not None and stamps.get(rel) == file_stamp(full):
+        return True
+    return sha256_file(full) == sha
+
+
 @op
-def prepare_staging(adapter_dir, model, version, files=None, link_from=None, drop_partial=False):
+def prepare_staging(adapter_dir, model, version, files=None, link_from=None, drop_partial=False, rehash=()):
     """Create (or keep, for resuming) staging/{id}.tmp and fill in what needs no transfer.
 
-    Files whose sha256 equals the same file of release `link_from` (per its RELEASE.json) are
-    hard-linked from there; files already complete in staging (an interrupted run) are kept.
-    `drop_partial` removes rsync's partial pieces of an interrupted run: a delta transfer must use
-    the previous release's file as its basis, not a partial one (which would make it send more).
-    Returns {'path', 'linked': [...], 'kept': [...], 'send': [...files still to transfer]}.
+    Files whose sha256 equals the same file of release `link_from` are hard-linked from there, but
+    only when that copy is known to be intact: its (size, mtime, inode) stamp is the one recorded at
+    publish, or it is re-hashed now (always for names in `rehash`); a damaged copy is sent fresh.
+    Files already complete in staging (an interrupted run) are kept after a hash check; pieces of
+    an interrupted transfer are kept for rsync to continue (`drop_partial` removes them: a delta
+    against the previous release must not start from a partial file).
+    Returns {'path', 'linked', 'kept', 'send', 'damaged', 'pieces'}.
     """
     path = _staging_dir(adapter_dir, model, version)
     os.makedirs(path, exist_ok=True)
+    files = files or {}
     if drop_partial and os.path.isdir(os.path.join(path, PARTIAL_DIR)):
         shutil.rmtree(os.path.join(path, PARTIAL_DIR))
-    files = files or {}
-    known = {}
+    pieces = _adopt_pieces(path, files)
+    known, stamps, src_dir = {}, {}, None
     if link_from:
         src_dir = _release_dir(adapter_dir, model, link_from)
-        known = (read_json_file(os.path.join(src_dir, RELEASE_FILE)) or {}).get("files", {})
-    linked, kept, send = [], [], []
+        try:
+            meta = read_json_file(os.path.join(src_dir, RELEASE_FILE)) or {}
+        except OpError:
+            meta = {}
+        known, stamps = meta.get("files", {}), meta.get("stamps", {})
+    linked, kept, send, damaged = [], [], [], []
     for rel in sorted(files):
         dest = os.path.join(path, rel)
         if os.path.isfile(dest) and not os.path.islink(dest) and sha256_file(dest) == files[rel]:
             kept.append(rel)
-        elif known.get(rel) == files[rel]:
+        elif known.get(rel) == files[rel] and _basis_ok(src_dir, rel, files[rel], stamps, rel in rehash):
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             if os.path.lexists(dest):
                 os.unlink(dest)
             os.link(os.path.join(src_dir, rel), dest)
             linked.append(rel)
         else:
+            if known.get(rel) == files[rel]:
+                damaged.append(rel)
+            if os.path.lexists(dest):
+                os.unlink(dest)
             send.append(rel)
-    return {"path": path, "linked": linked, "kept": kept, "send": send}
+    return {"path": path, "linked": linked, "kept": kept, "send": send, "damaged": damaged, "pieces": pieces}
 
 
 @op
 def remember_base_gguf(adapter_dir, path, stamp, sha256):
     """Record a base GGUF's sha256 under its (size, mtime, inode) stamp, if the file still has it."""
-    if not os.path.isfile(path) or _file_stamp(path) != stamp:
+    if not os.path.isfile(path) or file_stamp(path) != stamp:
         return False
     cache = os.path.join(adapter_dir, BASE_GGUF_HASHES)
     try:
@@ -493,20 +591,22 @@ def finalize_release(adapter_dir, model, version, files, meta):
     actual = hash_files(staging)
     problems = compare_files(files, actual)
     if problems:
-        for name in files:
-            if actual.get(name) not in (None, files[name]):
-                os.unlink(os.path.join(staging, name))
+        bad = [name for name in files if actual.get(name) not in (None, files[name])]
+        for name in bad:
+            os.unlink(os.path.join(staging, name))
         raise OpError(
             "hash_mismatch",
             "staged copy of %s %s does not match the manifest: %s" % (model, version, "; ".join(problems)),
             "the bad files were removed from staging; rerun the deploy to send them again",
+            data={"bad": bad},
         )
     if os.path.isdir(os.path.join(staging, PARTIAL_DIR)):
         shutil.rmtree(os.path.join(staging, PARTIAL_DIR))
-    doc = dict(meta, schema=1, model=model, version_id=version, files=files)
-    atomic_write_json(os.path.join(staging, RELEASE_FILE), doc)
     for rel in files:
-        os.chmod(os.path.join(staging, rel), 0o444)  # releases are immutable
+        os.chmod(os.path.join(staging, rel), 0o444)  # releases are immutable (chmod moves ctime only)
+    stamps = {rel: file_stamp(os.path.join(staging, rel)) for rel in files}
+    doc = dict(meta, schema=1, model=model, version_id=version, files=files, stamps=stamps)
+    atomic_write_json(os.path.join(staging, RELEASE_FILE), doc)
     os.makedirs(os.path.dirname(release), exist_ok=True)
     if os.path.isdir(release):
         shutil.rmtree(staging)
@@ -680,54 +780,204 @@ def update_status(adapter_dir, endpoint, model, fields, now):
     return doc
 
 
-@op
-def lock_acquire(adapter_dir, holder, break_id=None):
-    """Create .adapterctl.lock exclusively. Returns {'acquired', 'holder', 'age_s', 'broken'}.
+def read_lock(adapter_dir):
+    """The endpoint lock as found: None when free, else {'state', 'holder', 'raw_sha', 'preview', 'age_s',
+    'size'}; state is `held` (a JSON holder), `empty`, `binary` or `garbage` (unparsable text)."""
+    path = os.path.join(adapter_dir, LOCK_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(65536)
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return {
+            "state": "unreadable",
+            "holder": None,
+            "raw_sha": None,
+            "size": None,
+            "age_s": 0.0,
+            "preview": exc.strerror or str(exc),
+        }
+    holder, state = None, "held"
+    if not raw.strip():
+        state = "empty"
+    else:
+        try:
+            holder = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            state = "binary"
+        except ValueError:
+            state = "garbage"
+        if state == "held" and not (isinstance(holder, dict) and holder.get("pid") and holder.get("host")):
+            state, holder = "garbage", None
+    return {
+        "state": state,
+        "holder": holder,
+        "raw_sha": hashlib.sha256(raw).hexdigest(),
+        "size": len(raw),
+        "age_s": age,
+        "preview": raw[:60].decode("utf-8", "replace") if state != "binary" else raw[:16].hex(),
+    }
 
-    `break_id`: the deployment id of a stale lock the caller decided to break; only that
-    exact lock is removed, so two breakers cannot both win.
+
+@op
+def lock_acquire(adapter_dir, holder, break_sha=None):
+    """Take .adapterctl.lock: the holder is written to a temp file, fsynced, then link(2)ed into place,
+    so the lock appears with its whole content or not at all.
+
+    `break_sha`: the sha256 of the lock content the caller decided to break; only a lock with exactly
+    that content is removed, so two breakers cannot both win.
+    Returns {'acquired', 'lock' (read_lock of the lock found, when not acquired), 'broken'}.
     """
     os.makedirs(adapter_dir, exist_ok=True)
     path = os.path.join(adapter_dir, LOCK_FILE)
+    tmp = "%s.%d.%s.new" % (path, os.getpid(), hashlib.sha256(os.urandom(8)).hexdigest()[:8])
+    atomic_write_bytes(tmp, (json.dumps(holder, sort_keys=True) + "\n").encode())
     broken = None
-    for _attempt in range(2):
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
+    try:
+        for _attempt in range(3):
             try:
-                current = read_json_file(path) or {}
-            except OpError:
-                current = {"deployment_id": None, "note": "unreadable lock file"}
-            try:
-                age = time.time() - os.stat(path).st_mtime
-            except FileNotFoundError:
-                continue
-            if break_id is not None and current.get("deployment_id") == break_id and broken is None:
-                os.unlink(path)
-                broken = current
-                continue
-            return {"acquired": False, "holder": current, "age_s": age, "broken": broken}
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(holder, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return {"acquired": True, "holder": holder, "age_s": 0.0, "broken": broken}
-    return {"acquired": False, "holder": {}, "age_s": 0.0, "broken": broken}
+                os.link(tmp, path)
+            except FileExistsError:
+                found = read_lock(adapter_dir)
+                if found is None:
+                    continue  # released meanwhile
+                if break_sha is not None and found["raw_sha"] == break_sha and broken is None:
+                    os.unlink(path)
+                    broken = found
+                    continue
+                return {"acquired": False, "lock": found, "broken": broken}
+            fsync_dir(adapter_dir)
+            return {"acquired": True, "lock": None, "broken": broken}
+        return {"acquired": False, "lock": read_lock(adapter_dir), "broken": broken}
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 @op
 def lock_release(adapter_dir, deployment_id):
+    """Remove the lock if this deployment holds it."""
     path = os.path.join(adapter_dir, LOCK_FILE)
-    try:
-        current = read_json_file(path)
-    except OpError:
-        return False
-    if current and current.get("deployment_id") == deployment_id:
+    found = read_lock(adapter_dir)
+    if found and (found["holder"] or {}).get("deployment_id") == deployment_id:
         os.unlink(path)
+        fsync_dir(adapter_dir)
         return True
     return False
+
+
+# -- the journal (DESIGN §9) ------------------------------------------------------------------
+def _journal_path(adapter_dir):
+    return os.path.join(adapter_dir, STATE_DIR, JOURNAL_FILE)
+
+
+def _journal_records(adapter_dir):
+    """Every record of the journal in order; a torn last line (a kill mid-write) is skipped."""
+    try:
+        with open(_journal_path(adapter_dir), "rb") as f:
+            lines = f.read().split(b"\n")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line.decode("utf-8")) if line.strip() else None
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and rec.get("t") and rec.get("txn"):
+            out.append(rec)
+    return out
+
+
+@op
+def journal_open(adapter_dir):
+    """The records of the newest transaction that began and neither committed nor aborted, or None."""
+    records = _journal_records(adapter_dir)
+    ended = {r["txn"] for r in records if r["t"] in ("commit", "abort")}
+    begun = [r["txn"] for r in records if r["t"] == "begin" and r["txn"] not in ended]
+    if not begun:
+        return None
+    return [r for r in records if r["txn"] == begun[-1]]
+
+
+@op
+def journal_append(adapter_dir, records):
+    """Append records to the journal: one write(2) and one fsync for them all. A `begin` on a journal
+    past JOURNAL_ROTATE_BYTES with nothing open rotates it to journal.1.jsonl first."""
+    path = _journal_path(adapter_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if (
+        records
+        and records[0].get("t") == "begin"
+        and os.path.isfile(path)
+        and os.path.getsize(path) > JOURNAL_ROTATE_BYTES
+        and journal_open(adapter_dir) is None
+    ):
+        os.replace(path, path[: -len(".jsonl")] + ".1.jsonl")
+    data = "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in records).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return len(records)
+
+
+# -- leftovers (doctor, gc) -------------------------------------------------------------------
+def _tree_size(path):
+    if os.path.islink(path) or not os.path.isdir(path):
+        return os.lstat(path).st_size
+    total = 0
+    for dirpath, _dirs, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+@op
+def leftovers(adapter_dir, models, keep=()):
+    """Temp paths an interrupted command left in adapter_dir: staging dirs (except `keep`, the ones an
+    open transaction will reuse), swap links, temp files of atomic writes and lock attempts.
+    Returns [{'path', 'bytes', 'what'}]."""
+    found = []
+    if not os.path.isdir(adapter_dir):
+        return found
+    temp = re.compile(r"^\..+\.\d+\.tmp$|^\.adapterctl\.lock\..+\.new$")
+    for name in os.listdir(adapter_dir):
+        if temp.match(name):
+            found.append((os.path.join(adapter_dir, name), "temp file of an interrupted write"))
+    for model in models:
+        mdir = _model_dir(adapter_dir, model)
+        sdir = os.path.join(mdir, "staging")
+        for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+            if name[: -len(".tmp")] not in keep:
+                found.append((os.path.join(sdir, name), "staging of an unfinished transfer"))
+        for name in sorted(os.listdir(mdir)) if os.path.isdir(mdir) else []:
+            if name.endswith(".swap") or temp.match(name):
+                found.append((os.path.join(mdir, name), "temp link of an interrupted swap"))
+    return [{"path": p, "bytes": _tree_size(p), "what": w} for p, w in found]
+
+
+@op
+def remove_leftovers(adapter_dir, models, keep=()):
+    """Remove what `leftovers` lists (caller holds the endpoint lock). Returns what was removed."""
+    removed = leftovers(adapter_dir, models, keep)
+    for item in removed:
+        path = item["path"]
+        if os.path.isdir(path) and not os.path.islink(path):
+            for dirpath, _dirs, filenames in os.walk(path):
+                for fn in filenames:
+                    os.chmod(os.path.join(dirpath, fn), 0o644)
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    return removed
 
 
 @op
@@ -745,6 +995,11 @@ def prune(adapter_dir, model, names):
                 os.chmod(os.path.join(dirpath, fn), 0o644)
         shutil.rmtree(target)
         removed.append(name)
+    sdir = os.path.join(_model_dir(adapter_dir, model), "staging")
+    for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:
+        if name.endswith(".tmp"):  # staging of versions no transaction is moving any more
+            shutil.rmtree(os.path.join(sdir, name), ignore_errors=True)
+            removed.append("staging/" + name)
     return removed
 
 
@@ -763,7 +1018,7 @@ def handle(request):
         result = fn(**req.get("args", {}))
         return json.dumps({"ok": True, "result": result})
     except OpError as exc:
-        err = {"kind": exc.kind, "message": exc.message, "hint": exc.hint}
+        err = {"kind": exc.kind, "message": exc.message, "hint": exc.hint, "data": exc.data}
     except OSError as exc:
         where = " %s" % exc.filename if exc.filename else ""
         kind = (

@@ -54,7 +54,10 @@ class ManifestCorrupt(UsageError):
 
 
 class TransportError(AdapterctlError):
-    """A command or file operation on an endpoint failed."""
+    """A command or file operation on an endpoint failed; `kind` and `data` come from the endpoint op."""
+
+    kind: str = "error"
+    data: dict | None = None
 
 
 class PhaseError(AdapterctlError):
@@ -62,6 +65,12 @@ class PhaseError(AdapterctlError):
 
 
 class LockHeld(AdapterctlError):
+    exit_code = EXIT_LOCKED
+
+
+class StalePlan(AdapterctlError):
+    """The endpoint changed between planning and taking its lock, and the plan cannot be redone."""
+
     exit_code = EXIT_LOCKED
 
 

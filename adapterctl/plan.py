@@ -1,37 +1,49 @@
 """Facts in, frozen steps out (STYLE: pyinfra). `--dry-run` prints a Plan; a real run executes it.
 
-Nothing in this module writes anything: it reads the manifest, the adapter sources and the
-endpoints' facts, and returns data. `execute.py` runs exactly the steps returned here.
+Nothing in this module writes anything: it reads the manifest, the adapter sources and the endpoints'
+typed facts, and returns data. A plan holds, per endpoint, transactions: each one's forward steps
+and its compensation (what runs when verify fails), decided here and shown by `--dry-run`. The
+executor runs exactly these steps; under the endpoint lock it re-reads the facts and, if they
+changed, plans that endpoint again with the same functions (never a second code path).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from adapterctl.config import Config, EndpointConfig
+from adapterctl.config import Config, EndpointConfig, HealthSpec
 from adapterctl.errors import AdapterctlError, UsageError
-from adapterctl.transports.base import Transport
+from adapterctl.facts import EndpointFacts, ModelFacts, compat_link_paths
+from adapterctl.journal import TxnState, new_txn_id, state_of
+from adapterctl.reload import ReloadDriver, driver_for
+from adapterctl.steps import (
+    LIVE_ENGINES,
+    CheckService,
+    CompatLink,
+    Convert,
+    HealthCheck,
+    HealthPlan,
+    Lock,
+    MarkGood,
+    Prune,
+    Publish,
+    Register,
+    Reload,
+    RememberBaseGguf,
+    Step,
+    Swap,
+    Transfer,
+    Unlock,
+    Verify,
+    VerifyRelease,
+    frozen_files,
+    human_bytes,
+)
 
-
-@dataclass(frozen=True)
-class Step:
-    """One action of a plan. `args` holds everything execution needs, as frozen pairs."""
-
-    phase: str  # version | convert | transfer | health-check | activate | verify | prune | lock | rollback
-    action: str  # key of the executor function
-    summary: str  # what a person reads in the plan
-    endpoint: str | None = None
-    model: str | None = None
-    version: str | None = None
-    bytes: int = 0
-    args: tuple[tuple[str, Any], ...] = ()
-
-    def arg(self, key: str, default: Any = None) -> Any:
-        return dict(self.args).get(key, default)
+__all__ = ["Plan", "Target", "Transaction", "EndpointPlan", "human_bytes", "plan_deploy", "plan_rollback"]
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,74 @@ class Target:
 
 
 @dataclass(frozen=True)
-class Plan:
-    kind: str  # deploy | rollback
-    deployment_id: str
+class Transaction:
+    """One (endpoint, model) change: forward steps, and the compensation that runs if a step after the
+    swap fails (deploy) — both decided at plan time. `begin` is what the journal's begin record says:
+    the links before, the target, and where a compensation returns."""
+
+    endpoint: str
+    model: str
+    version: str | None
+    kind: str  # deploy | rollback | recover
     steps: tuple[Step, ...]
+    compensation: tuple[Step, ...] = ()
+    before: tuple[str | None, str | None] = (None, None)  # (active, previous) when planned
+    target: tuple[str | None, str | None] = (None, None)
+    restore: tuple[str | None, str | None] = (None, None)
+    txn: str = field(default_factory=new_txn_id)
+    state: TxnState | None = None  # recover: the interrupted transaction's state
+
+    def begin_record(self, deployment_id: str, command: str) -> dict[str, Any]:
+        pair = lambda p: {"active": p[0], "previous": p[1]}  # noqa: E731
+        return {
+            "t": "begin",
+            "txn": self.txn,
+            "kind": self.kind,
+            "deployment_id": deployment_id,
+            "command": command,
+            "model": self.model,
+            "version": self.version,
+            "before": pair(self.before),
+            "target": pair(self.target),
+            "restore": pair(self.restore),
+        }
+
+    def compensation_text(self) -> str:
+        return "; ".join(s.describe() for s in self.compensation)
+
+
+@dataclass(frozen=True)
+class EndpointPlan:
+    """Everything one endpoint gets: conversions (before the lock), then its transactions under the lock."""
+
+    endpoint: str
+    converts: tuple[Convert, ...]
+    transactions: tuple[Transaction, ...]
+    facts: EndpointFacts = field(compare=False, hash=False)
+    recovery: Transaction | None = None
+
+    def locked_steps(self) -> list[Step]:
+        if not self.transactions and self.recovery is None:
+            return []
+        ep = self.facts
+        body = [s for t in ((self.recovery,) if self.recovery else ()) + self.transactions for s in t.steps]
+        return [Lock(ep.name, None, None, adapter_dir=self.adapter_dir), *body, Unlock(ep.name, None, None)]
+
+    @property
+    def adapter_dir(self) -> str:
+        return self.facts.adapter_dir
+
+    @property
+    def steps(self) -> list[Step]:
+        return [*self.converts, *self.locked_steps()]
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # deploy | rollback | convert
+    deployment_id: str
+    registrations: tuple[Register, ...]
+    endpoint_plans: tuple[EndpointPlan, ...]
     notes: tuple[str, ...] = ()  # per endpoint/model lines that need no step ("already active")
     blocked: tuple[tuple[str, str | None, str], ...] = ()  # (endpoint, model, why) that cannot run
     endpoints: tuple[str, ...] = ()
@@ -60,8 +136,18 @@ class Plan:
     cycle: int | None = None
     canary: str | None = None  # this endpoint runs first, through verify; the rest only if it passed
 
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """Every step in execution order (per endpoint); compensation steps are not in it."""
+        return (*self.registrations, *(s for e in self.endpoint_plans for s in e.steps))
+
+    def transactions(self) -> list[Transaction]:
+        return [
+            t for e in self.endpoint_plans for t in ((e.recovery,) if e.recovery else ()) + e.transactions
+        ]
+
     def bytes_to_send(self) -> int:
-        return sum(s.bytes for s in self.steps if s.phase == "transfer")
+        return sum(s.bytes for s in self.steps)
 
 
 @dataclass(frozen=True)
@@ -151,26 +237,24 @@ class ConvertPlanner:
 
 
 def convert_step(
-    converter: ConvertPlanner, ep: EndpointConfig, t: Target, facts: Mapping[str, Any] | None = None
-) -> tuple[Step, Conversion]:
+    converter: ConvertPlanner, ep: EndpointConfig, t: Target, facts: EndpointFacts | None = None
+) -> tuple[Convert, Conversion]:
     """The convert step of one (endpoint, version) and what planning knows of its output. With the
     endpoint's `facts`, a GGUF LoRA's base GGUF there is checked against the adapter's base model."""
     conv = converter.plan(t, ep)
     if conv.spec.format == "lora" and facts is not None:
         _check_base_gguf(ep, facts, t.model, converter.bases.get(t.model))
-    step = Step(
-        "convert",
-        "convert",
-        _convert_summary(ep, conv),
-        endpoint=ep.name,
-        model=t.model,
-        version=t.version_id,
-        args=(
-            ("key", conv.key),
-            ("spec", conv.spec),
-            ("base_dir", str(conv.base_dir) if conv.base_dir else None),
-            ("base_digest", conv.base_digest),
-        ),
+    step = Convert(
+        ep.name,
+        t.model,
+        t.version_id,
+        key=conv.key,
+        spec=conv.spec,
+        base_dir=str(conv.base_dir) if conv.base_dir else None,
+        base_digest=conv.base_digest,
+        store_dir=str(t.store_dir),
+        files=frozen_files(t.files),
+        text=_convert_summary(ep, conv),
     )
     return step, conv
 
@@ -178,13 +262,19 @@ def convert_step(
 def plan_convert(cfg: Config, deployment_id: str, targets: list[Target], endpoints: list[str]) -> Plan:
     """`adapterctl convert`: only the convert steps a deploy of `targets` to `endpoints` would run."""
     converter = ConvertPlanner(cfg)
-    steps = [
-        convert_step(converter, cfg.endpoints[e], t)[0]
-        for t in targets
-        for e in endpoints
-        if cfg.endpoints[e].serves(t.model)
-    ]
-    return Plan("convert", deployment_id, tuple(steps), endpoints=tuple(endpoints), targets=tuple(targets))
+    eplans = []
+    for e in endpoints:
+        ep = cfg.endpoints[e]
+        converts = tuple(convert_step(converter, ep, t)[0] for t in targets if ep.serves(t.model))
+        if converts:
+            eplans.append(EndpointPlan(e, converts, (), _no_facts(ep)))
+    return Plan(
+        "convert", deployment_id, (), tuple(eplans), endpoints=tuple(endpoints), targets=tuple(targets)
+    )
+
+
+def _no_facts(ep: EndpointConfig) -> EndpointFacts:
+    return EndpointFacts(ep.name, False, False, 0, "", "", {}, adapter_dir=ep.adapter_dir)
 
 
 def _convert_summary(ep: EndpointConfig, c: Conversion) -> str:
@@ -205,321 +295,6 @@ def _convert_summary(ep: EndpointConfig, c: Conversion) -> str:
     return f"convert for {ep.kind}: {c.spec.label} — will run: {how} (≈ {human_bytes(c.size)}){check}"
 
 
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
-def compat_link_paths(ep: EndpointConfig) -> dict[str, str]:
-    """Absolute link path on the endpoint -> model, for the endpoint's `compat_links`."""
-    parent = os.path.dirname(ep.adapter_dir.rstrip("/"))
-    return {os.path.join(parent, rel): model for rel, model in ep.compat_links.items()}
-
-
-def loaded_file(ep: EndpointConfig, model: str | None = None) -> str | None:
-    """Where the serving helper reports what it loaded, beside the pidfile: loaded.json (the latest
-    report) or, for one model of a process that serves several, loaded.<model>.json."""
-    if not ep.pidfile:
-        return None
-    return os.path.join(os.path.dirname(ep.pidfile), f"loaded.{model}.json" if model else "loaded.json")
-
-
-def gather_facts(ep: EndpointConfig, transport: Transport, models: list[str]) -> dict[str, Any]:
-    """Read an endpoint's state (releases, links, lock, status, serving pid). Writes nothing."""
-    return transport.call(
-        "facts",
-        adapter_dir=ep.adapter_dir,
-        models=models,
-        pidfile=ep.pidfile if ep.reload_method in ("sigusr1", "restart") else None,
-        compat_links=compat_link_paths(ep),
-        loaded_file=loaded_file(ep),
-        base_gguf=ep.base_gguf.path if ep.base_gguf else None,
-    )
-
-
-def _newest_release(mfacts: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    complete = [r for r in mfacts["releases"] if r["complete"]]
-    return max(complete, key=lambda r: r["mtime"]) if complete else None
-
-
-def _restart_manager(facts: Mapping[str, Any]) -> str:
-    """launchctl on a macOS endpoint (its python reports sys.platform darwin), else systemctl."""
-    return "launchctl" if facts.get("platform") == "darwin" else "systemctl"
-
-
-def outage_consent(ep: EndpointConfig, allow_outage: bool) -> bool:
-    """Whether this endpoint may be restarted: --allow-outage, or allow_outage: true in its config."""
-    return ep.reload_method != "restart" or allow_outage or ep.allow_outage
-
-
-def _reload_step(
-    ep: EndpointConfig, facts: Mapping[str, Any], allow_outage: bool, phase: str, **base: Any
-) -> Step:
-    """The reload step of one (endpoint, model, version); `base` holds endpoint, model and version."""
-    args: tuple[tuple[str, Any], ...] = ()
-    if ep.reload_method == "restart":
-        args = (("manager", _restart_manager(facts)), ("needs_consent", not outage_consent(ep, allow_outage)))
-    summary = _reload_summary(ep, facts, base["version"], allow_outage)
-    return Step(phase, "reload", summary, **base, args=args)
-
-
-def consent_missing(plan: Plan) -> list[str]:
-    """Endpoints whose plan restarts the service without consent (a real run must refuse)."""
-    return sorted({s.endpoint for s in plan.steps if s.action == "reload" and s.arg("needs_consent")})
-
-
-def _reload_summary(
-    ep: EndpointConfig, facts: Mapping[str, Any], version: str | None, allow_outage: bool = False
-) -> str:
-    what = version or "no adapter"
-    if ep.reload_method == "none":
-        return "reload: none configured (the service re-reads `active` on its own); outage 0 s"
-    if ep.reload_method == "sigusr1":
-        pid = (facts.get("pid") or {}).get("pid")
-        confirm = (
-            f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json to report {what}"
-            if facts.get("loaded") is not None
-            else "the service writes no loaded.json: reload cannot be confirmed"
-        )
-        return f"reload: SIGUSR1 to pid {pid} (from {ep.pidfile}); {confirm}; outage 0 s"
-    if _restart_manager(facts) == "launchctl":
-        command = f"launchctl kickstart -k {ep.unit}"
-    else:
-        command = f"systemctl restart {ep.unit}"
-    confirm = (
-        f"wait ≤ {ep.reload_timeout_s:g} s for loaded.json (new pid) to report {what}"
-        if facts.get("loaded") is not None
-        else "no loaded.json beside the pidfile: restart not confirmed"
-    )
-    consent = (
-        ""
-        if outage_consent(ep, allow_outage)
-        else "; needs --allow-outage (or allow_outage: true for this endpoint)"
-    )
-    return f"reload: {command}; expected outage 10–20 s; {confirm}{consent}"
-
-
-def _service_check(ep: EndpointConfig, facts: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(summary, warning) for the pre-swap check that the serving process is alive."""
-    state = facts.get("pid") or {}
-    if state.get("alive"):
-        return f"check serving process: pid {state['pid']} from {ep.pidfile} is running", None
-    why = state.get("error") or f"no pid in {ep.pidfile}"
-    return f"check serving process ({ep.pidfile}) — now: {why}", why
-
-
-def _endpoint_steps(
-    cfg: Config,
-    ep: EndpointConfig,
-    facts: Mapping[str, Any],
-    targets: list[Target],
-    notes: list[str],
-    allow_outage: bool = False,
-    health_local: bool = False,
-    converter: ConvertPlanner | None = None,
-) -> list[Step]:
-    converter = converter or ConvertPlanner(cfg)
-    steps: list[Step] = []
-    remembered = False  # the base GGUF's hash is recorded once per endpoint
-    links = compat_link_paths(ep)
-    for t in targets:
-        mf = facts["models"][t.model]
-        if mf["active"] == t.version_id:
-            conv = converter.plan(t, ep)
-            what = (
-                ""
-                if conv.key is None
-                else f" ({conv.spec.label} {'cached' if conv.cached else 'not in the cache'}; "
-                "nothing is converted or sent)"
-            )
-            notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do{what}")
-            continue
-        release = next((r for r in mf["releases"] if r["version_id"] == t.version_id), None)
-        base = dict(endpoint=ep.name, model=t.model, version=t.version_id)
-        step, conv = convert_step(converter, ep, t, facts)
-        steps.append(step)
-        files = dict(conv.files) if conv.files is not None else None
-        what = f"{len(files)} files" if files is not None else f"the {conv.spec.label} files"
-        if release and release["complete"] and files is not None and set(release["files"]) != set(files):
-            raise UsageError(
-                f"endpoint {ep.name}: releases/{t.version_id} of {t.model} holds other files "
-                f"({', '.join(sorted(release['files']))}) than its {conv.spec.label} "
-                f"({', '.join(sorted(files))}): the conversion setting changed since it was deployed",
-                "deploy a new cycle, or remove that release there if it is not active",
-            )
-        if release and release["complete"]:
-            steps.append(
-                Step(
-                    "transfer",
-                    "verify_release",
-                    f"releases/{t.version_id} already on endpoint: re-verify sha256 of {what} there "
-                    "(0 bytes to send)",
-                    **base,
-                    args=(("files", files), ("key", conv.key)),
-                )
-            )
-        else:
-            newest = _newest_release(mf)
-            known = newest["files"] if newest else {}
-            delta = conv.spec.format in ("merged", "fused") and newest is not None
-            if files is not None:
-                send = {f: s for f, s in files.items() if known.get(f) != s}
-                size = _size_in(conv.src, send)
-                reuse = (
-                    f"; {len(files) - len(send)} unchanged files linked from releases/{newest['version_id']}"
-                    if newest
-                    else ""
-                )
-                head = f"send {len(send)} of {len(files)} files ({human_bytes(size)})"
-            else:
-                size = conv.size
-                reuse = f"; files equal to releases/{newest['version_id']}'s are linked" if newest else ""
-                head = f"send the conversion output (≈ {human_bytes(size)})"
-            if delta and newest is not None:
-                reuse += f"; changed files go as rsync deltas against releases/{newest['version_id']}"
-            steps.append(
-                Step(
-                    "transfer",
-                    "transfer",
-                    f"{head} to staging/{t.version_id}.tmp{reuse}",
-                    bytes=size,
-                    **base,
-                    args=(
-                        ("src", str(conv.src) if conv.src else None),
-                        ("files", files),
-                        ("key", conv.key),
-                        ("link_dest", newest["version_id"] if newest else None),
-                        ("delta", delta),
-                    ),
-                )
-            )
-            steps.append(
-                Step(
-                    "transfer",
-                    "publish",
-                    f"sha256 of {what} computed on the endpoint, compared with the manifest; "
-                    f"staging/{t.version_id}.tmp → releases/{t.version_id}",
-                    **base,
-                    args=(("files", files), ("key", conv.key)),
-                )
-            )
-        bg = facts.get("base_gguf") or {}
-        if conv.spec.format == "lora" and bg.get("exists") and not bg.get("sha256_cached") and not remembered:
-            remembered = True
-            steps.append(
-                Step(
-                    "transfer",
-                    "remember_base_gguf",
-                    f"record {bg['path']}'s sha256 there by size, mtime and inode: the next deploy "
-                    "reads it instead of hashing the base GGUF again",
-                    **base,
-                    args=(("path", bg["path"]), ("stamp", bg.get("stamp")), ("sha256", bg.get("sha256"))),
-                )
-            )
-        model_cfg = cfg.models[t.model]
-        steps.append(
-            Step(
-                "health-check",
-                "health",
-                _health_summary(
-                    model_cfg, f"store/{t.model}/{t.version_id} on this machine (--health-local)", ep
-                )
-                if health_local
-                else _health_summary(model_cfg, f"releases/{t.version_id}", ep),
-                **base,
-                args=(("local", str(conv.src) if conv.src else "@artifact"), ("key", conv.key))
-                if health_local
-                else (),
-            )
-        )
-        if ep.reload_method == "sigusr1":
-            summary, warn = _service_check(ep, facts)
-            if warn:
-                notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
-            steps.append(Step("activate", "check_service", summary, **base))
-        old_a, old_p = mf["active"], mf["previous"]
-        restore_a = _rollback_choice(facts, mf, t, old_a)
-        steps.append(
-            Step(
-                "activate",
-                "swap",
-                f"previous → {old_a or '(none)'}, active → {t.version_id} (rename(2) of each link)",
-                **base,
-                args=(
-                    ("active", t.version_id),
-                    ("previous", old_a),
-                    ("restore_active", restore_a),
-                    ("restore_previous", old_p),
-                ),
-            )
-        )
-        for path, model in links.items():
-            if model == t.model:
-                steps.append(
-                    Step(
-                        "activate",
-                        "compat_link",
-                        f"link {path} → {t.model}/active",
-                        **base,
-                        args=(("link", path),),
-                    )
-                )
-        steps.append(_reload_step(ep, facts, allow_outage, "activate", **base))
-        steps.append(
-            Step(
-                "verify",
-                "verify",
-                _health_summary(model_cfg, "the live `active` release", ep)
-                + f"; on failure roll back by itself: active → {restore_a or '(none)'}, "
-                f"previous → {old_p or '(none)'}, reload again",
-                **base,
-            )
-        )
-        doomed = _prune_list(mf, t.version_id, old_a, cfg.keep_releases)
-        if doomed:
-            steps.append(
-                Step(
-                    "prune",
-                    "prune",
-                    f"remove old releases {', '.join(doomed)} "
-                    f"(keep {cfg.keep_releases}; never what active/previous point to)",
-                    **base,
-                    args=(("names", tuple(doomed)),),
-                )
-            )
-    if not steps:
-        return []
-    _outage_note(ep, allow_outage, notes)
-    holder = Step(
-        "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep.name
-    )
-    # conversions run on this machine and may take minutes: before the endpoint is locked
-    converts = [s for s in steps if s.phase == "convert"]
-    rest = [s for s in steps if s.phase != "convert"]
-    return [*converts, holder, *rest, Step("lock", "unlock", "release the endpoint lock", endpoint=ep.name)]
-
-
-def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:
-    if not outage_consent(ep, allow_outage):
-        notes.append(
-            f"{ep.name}: reload_method restart stops the service (expected outage 10–20 s): "
-            "a real run needs --allow-outage, or allow_outage: true in this endpoint's config"
-        )
-
-
-def _rollback_choice(
-    facts: Mapping[str, Any], mf: Mapping[str, Any], t: Target, old_a: str | None
-) -> str | None:
-    """Where a failed activation returns: the last release that passed verify, if still there (DESIGN §7)."""
-    good = (((facts.get("status") or {}).get("models") or {}).get(t.model) or {}).get("last_good_version")
-    complete = {r["version_id"] for r in mf["releases"] if r["complete"]}
-    return good if good in complete and good != t.version_id else old_a
-
-
 def _size_in(root: Path | None, files: Mapping[str, str]) -> int:
     total = 0
     for rel in files:
@@ -528,7 +303,7 @@ def _size_in(root: Path | None, files: Mapping[str, str]) -> int:
     return total
 
 
-def _check_base_gguf(ep: EndpointConfig, facts: Mapping[str, Any], model: str, base: Any) -> None:
+def _check_base_gguf(ep: EndpointConfig, facts: EndpointFacts, model: str, base: Any) -> None:
     """A GGUF LoRA release needs the endpoint's base GGUF to be the configured file and the model the
     adapter was trained on: refuse (one line, before any transfer) when it is not."""
     from adapterctl.convert import BaseMismatch
@@ -539,7 +314,7 @@ def _check_base_gguf(ep: EndpointConfig, facts: Mapping[str, Any], model: str, b
             f"{where}: format lora needs base_gguf (path and sha256 of the base GGUF there)",
             f"add base_gguf: {{path: ..., sha256: ...}} to endpoint {ep.name} in adapterctl.yaml",
         )
-    got = facts.get("base_gguf") or {}
+    got = facts.base_gguf or {}
     path = ep.base_gguf.path
     if not got.get("exists"):
         raise BaseMismatch(
@@ -570,25 +345,51 @@ def _check_base_gguf(ep: EndpointConfig, facts: Mapping[str, Any], model: str, b
         )
 
 
-def _engine_text(model_cfg: Any, ep: EndpointConfig | None) -> str:
-    """How the model's health engine runs on `ep`: the command, or the model engine and its files."""
+def health_spec_on(model_cfg: Any, ep: EndpointConfig) -> dict[str, Any]:
+    """The model's health spec as it runs on `ep`: engine auto resolved by the endpoint's kind, the
+    model engines pointed at the artifact its conversion format ships (see spec_for_endpoint)."""
     from dataclasses import asdict
 
-    h = model_cfg.health
-    if h.engine == "command":
-        return f"command `{' '.join(h.command or ())}`"
-    if ep is None:
-        return h.engine
     from adapterctl.convert import spec_for
-    from adapterctl.health import make_engine
     from adapterctl.health.engines import spec_for_endpoint
 
     base_gguf = ep.base_gguf.path if ep.base_gguf else None
-    spec = spec_for_endpoint(asdict(h), ep.kind, spec_for(model_cfg, ep).format, base_gguf)
-    try:
-        return make_engine(spec).describe()
-    except AdapterctlError as exc:
-        return f"{spec.get('engine')} (cannot run: {exc.message})"
+    return spec_for_endpoint(asdict(model_cfg.health), ep.kind, spec_for(model_cfg, ep).format, base_gguf)
+
+
+def _resolved_spec(model_cfg: Any, ep: EndpointConfig, local: bool) -> HealthSpec:
+    """health_spec_on as a frozen HealthSpec; with --health-local, mlx runs on this machine's base."""
+    from adapterctl.convert import spec_for
+
+    spec = health_spec_on(model_cfg, ep)
+    fused = spec_for(model_cfg, ep).format == "fused"  # the release is the model: its base is the release
+    if local and spec.get("engine") == "mlx" and not fused and model_cfg.base_dir:
+        spec["base"] = str(model_cfg.base_dir)
+    defaults = {f.name: None for f in fields(HealthSpec)}
+    return replace(model_cfg.health, **{**defaults, **{k: v for k, v in spec.items() if k in defaults}})
+
+
+def health_plan(
+    cfg: Config, model: str, ep: EndpointConfig, release: str, local_path: str | None = None
+) -> HealthPlan | None:
+    """The planned health check of `model` on `ep` against `release` (or a local path), or None."""
+    m = cfg.models[model]
+    h = m.health
+    if h is None or h.suite == "none":
+        return None
+    where = (
+        "the live `active` release"
+        if release == "active"
+        else (f"store/{model}/… on this machine (--health-local)" if local_path else release)
+    )
+    return HealthPlan(
+        suite=h.suite,
+        suite_dir=str(cfg.path.parent),
+        spec=_resolved_spec(m, ep, local_path is not None),
+        release=local_path or release,
+        local=local_path is not None,
+        text=_health_summary(m, where, ep),
+    )
 
 
 def _health_summary(model_cfg: Any, where: str, ep: EndpointConfig | None = None) -> str:
@@ -609,40 +410,372 @@ def _health_summary(model_cfg: Any, where: str, ep: EndpointConfig | None = None
     return f"health-check {where}: suite {h.suite} via {_engine_text(model_cfg, ep)}{identity}"
 
 
-def _prune_list(mf: Mapping[str, Any], new: str, new_previous: str | None, keep: int) -> list[str]:
-    """Releases to remove after `new` is published, newest first kept, links protected."""
-    ordered = sorted(mf["releases"], key=lambda r: r["mtime"], reverse=True)
-    names = [new] + [r["version_id"] for r in ordered if r["version_id"] != new]
-    protected = {new, new_previous}
-    return [n for n in names[keep:] if n not in protected]
+def _pre_check(
+    cfg: Config, ep: EndpointConfig, t: Target, local_src: str | None, key: str | None
+) -> HealthCheck:
+    base = (ep.name, t.model, t.version_id)
+    m = cfg.models[t.model]
+    where = (
+        f"store/{t.model}/{t.version_id} on this machine (--health-local)"
+        if local_src
+        else f"releases/{t.version_id}"
+    )
+    if m.health is None or m.health.suite == "none":
+        return HealthCheck(*base, skip=_health_summary(m, where, ep))
+    if m.health.engine in LIVE_ENGINES and local_src is None:
+        return HealthCheck(*base, skip=_health_summary(m, where, ep))
+    plan = health_plan(cfg, t.model, ep, f"releases/{t.version_id}", local_src)
+    return HealthCheck(*base, health=replace(plan, text=_health_summary(m, where, ep)), key=key)
+
+
+def _verify(
+    cfg: Config, ep: EndpointConfig, model: str, version: str | None, suffix: str, report_only: bool
+) -> Verify:
+    base = (ep.name, model, version)
+    if version is None:
+        return Verify(
+            *base,
+            report_only=True,
+            base=True,
+            text="base model: health suite not applicable (it tests the adapter); the reload confirmation above is the check",
+        )
+    m = cfg.models[model]
+    plan = health_plan(cfg, model, ep, "active")
+    disc = m.health.discriminator if m.health else None
+    return Verify(
+        *base,
+        health=plan,
+        discriminator=disc,
+        report_only=report_only,
+        text=_health_summary(m, "the live `active` release", ep) + suffix,
+    )
+
+
+def _engine_text(model_cfg: Any, ep: EndpointConfig | None) -> str:
+    """How the model's health engine runs on `ep`: the command, or the model engine and its files."""
+
+    h = model_cfg.health
+    if h.engine == "command":
+        return f"command `{' '.join(h.command or ())}`"
+    if ep is None:
+        return h.engine
+    from adapterctl.health import make_engine
+
+    spec = health_spec_on(model_cfg, ep)
+    try:
+        return make_engine(spec).describe()
+    except AdapterctlError as exc:
+        return f"{spec.get('engine')} (cannot run: {exc.message})"
+
+
+def _driver(ep: EndpointConfig, facts: EndpointFacts, allow_outage: bool) -> ReloadDriver:
+    return driver_for(ep, facts.platform, facts.loaded, allow_outage)
+
+
+def consent_missing(plan: Plan) -> list[str]:
+    """Endpoints whose plan restarts the service without consent (a real run must refuse)."""
+    return sorted({s.endpoint for s in plan.steps if isinstance(s, Reload) and s.driver.needs_consent})
+
+
+def _service_check(ep: EndpointConfig, facts: EndpointFacts) -> tuple[str, str | None]:
+    """(summary, warning) for the pre-swap check that the serving process is alive."""
+    state = facts.pid
+    if state is not None and state.alive:
+        return f"check serving process: pid {state.pid} from {ep.pidfile} is running", None
+    why = (state.error if state else None) or f"no pid in {ep.pidfile}"
+    return f"check serving process ({ep.pidfile}) — now: {why}", why
+
+
+def _activation(
+    ep: EndpointConfig,
+    model: str,
+    active: str | None,
+    previous: str | None,
+    driver: ReloadDriver,
+    status: str,
+    compensating: bool = False,
+    why: str = "",
+) -> list[Step]:
+    """Swap the links, re-point the compat links, reload: the core of activate, rollback and compensation."""
+    base = (ep.name, model, active)
+    links = [CompatLink(*base, link=p) for p, m in compat_link_paths(ep).items() if m == model]
+    swap = Swap(*base, active=active, previous=previous, status=status, why=why)
+    return [swap, *links, Reload(*base, driver=driver, expect=active, compensating=compensating)]
+
+
+def _rollback_choice(facts: EndpointFacts, mf: ModelFacts, t: Target, old_a: str | None) -> str | None:
+    """Where a failed activation returns: the last release that passed verify, if still there (DESIGN §7)."""
+    good = facts.last_good(t.model)
+    return good if good in mf.complete() and good != t.version_id else old_a
+
+
+def _transfer_steps(ep: EndpointConfig, t: Target, conv: Conversion, mf: ModelFacts) -> list[Step]:
+    base = (ep.name, t.model, t.version_id)
+    files = dict(conv.files) if conv.files is not None else None
+    what = f"{len(files)} files" if files is not None else f"the {conv.spec.label} files"
+    release = mf.release(t.version_id)
+    if release and release.complete and files is not None and set(release.files) != set(files):
+        raise UsageError(
+            f"endpoint {ep.name}: releases/{t.version_id} of {t.model} holds other files "
+            f"({', '.join(sorted(release.files))}) than its {conv.spec.label} "
+            f"({', '.join(sorted(files))}): the conversion setting changed since it was deployed",
+            "deploy a new cycle, or remove that release there if it is not active",
+        )
+    ff, src = frozen_files(files), str(conv.src) if conv.src else None
+    if release and release.complete:
+        return [VerifyRelease(*base, files=ff, key=conv.key, src=src, what=what)]
+    newest = mf.newest()
+    known = newest.files if newest else {}
+    staged = mf.staging.get(t.version_id, {})
+    delta = conv.spec.format in ("merged", "fused") and newest is not None
+    if files is not None:
+        send = {f: s for f, s in files.items() if known.get(f) != s}
+        root = conv.src if conv.src is not None and conv.src.is_dir() else t.source  # not registered yet
+        size = 0
+        for f in send:
+            full = _size_in(root, {f: send[f]})
+            if staged.get(f) == full:
+                continue  # complete in staging from an interrupted run: kept after a hash check
+            size += full - min(staged.get("partial:" + f, 0), full)  # a piece is continued, not resent
+        reuse = (
+            f"; {len(files) - len(send)} unchanged files linked from releases/{newest.version_id}"
+            if newest
+            else ""
+        )
+        head = f"send {len(send)} of {len(files)} files ({human_bytes(size)})"
+    else:
+        size = conv.size
+        reuse = f"; files equal to releases/{newest.version_id}'s are linked" if newest else ""
+        head = f"send the conversion output (≈ {human_bytes(size)})"
+    if staged:
+        reuse += "; resumes the transfer an interrupted run left in staging"
+    if delta and newest is not None:
+        reuse += f"; changed files go as rsync deltas against releases/{newest.version_id}"
+    link = newest.version_id if newest else None
+    return [
+        Transfer(
+            *base,
+            files=ff,
+            key=conv.key,
+            src=src,
+            link_from=link,
+            delta=delta,
+            nbytes=size,
+            text=f"{head} to staging/{t.version_id}.tmp{reuse}",
+        ),
+        Publish(*base, files=ff, key=conv.key, src=src, link_from=link, what=what),
+    ]
+
+
+def _deploy_txn(
+    cfg: Config,
+    ep: EndpointConfig,
+    facts: EndpointFacts,
+    t: Target,
+    conv: Conversion,
+    allow_outage: bool,
+    health_local: bool,
+    notes: list[str],
+    remember: bool,
+) -> Transaction:
+    mf = facts.models[t.model]
+    base = (ep.name, t.model, t.version_id)
+    steps: list[Step] = _transfer_steps(ep, t, conv, mf)
+    bg = facts.base_gguf or {}
+    if remember:
+        steps.append(RememberBaseGguf(*base, path=bg["path"], stamp=bg.get("stamp"), sha256=bg.get("sha256")))
+    local = (str(conv.src) if conv.src else str(t.store_dir)) if health_local else None
+    steps.append(_pre_check(cfg, ep, t, local, conv.key))
+    driver = _driver(ep, facts, allow_outage)
+    if ep.reload_method == "sigusr1":
+        summary, warn = _service_check(ep, facts)
+        if warn:
+            notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
+        steps.append(CheckService(*base, pidfile=ep.pidfile, now=summary))
+    old_a, old_p = mf.active, mf.previous
+    restore_a = _rollback_choice(facts, mf, t, old_a)
+    steps += _activation(ep, t.model, t.version_id, old_a, driver, "verifying")
+    compensation = _activation(ep, t.model, restore_a, old_p, driver, "rolled_back", compensating=True)
+    steps.append(_verify(cfg, ep, t.model, t.version_id, "", report_only=False))
+    steps.append(MarkGood(*base))
+    steps.append(
+        Prune(
+            *base,
+            names=tuple(_prune_list(mf, t.version_id, old_a, cfg.keep_releases)),
+            keep=cfg.keep_releases,
+        )
+    )
+    return Transaction(
+        ep.name,
+        t.model,
+        t.version_id,
+        "deploy",
+        tuple(steps),
+        tuple(compensation),
+        before=(old_a, old_p),
+        target=(t.version_id, old_a),
+        restore=(restore_a, old_p),
+    )
+
+
+def endpoint_deploy_plan(
+    cfg: Config,
+    ep: EndpointConfig,
+    facts: EndpointFacts,
+    targets: list[Target],
+    notes: list[str],
+    allow_outage: bool = False,
+    health_local: bool = False,
+    converter: ConvertPlanner | None = None,
+    skip: frozenset[tuple[str, str]] = frozenset(),
+) -> EndpointPlan:
+    """One endpoint's part of a deploy: recovery of an interrupted command, then per target its
+    conversion and transaction. Used at plan time and again under the lock when the facts changed."""
+    converter = converter or ConvertPlanner(cfg)
+    converts: list[Convert] = []
+    txns: list[Transaction] = []
+    remembered = False  # the base GGUF's hash is recorded once per endpoint
+    recovery = plan_recovery(cfg, ep, facts, allow_outage)
+    if recovery is not None:
+        notes.append(
+            f"{ep.name}: an interrupted command left an open transaction: {recovery.state.text}; "
+            "then this endpoint is planned again from its state after that"
+        )
+    for t in targets:
+        mf = facts.models[t.model]
+        if (t.model, t.version_id) in skip:
+            notes.append(
+                f"{ep.name}: {t.model} {t.version_id} was rolled back by the recovery above: not deployed again in this run"
+            )
+            continue
+        if mf.active == t.version_id and recovery is None:
+            conv = converter.plan(t, ep)
+            what = (
+                ""
+                if conv.key is None
+                else f" ({conv.spec.label} {'cached' if conv.cached else 'not in the cache'}; nothing is converted or sent)"
+            )
+            notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do{what}")
+            continue
+        step, conv = convert_step(converter, ep, t, facts)
+        converts.append(step)
+        bg = facts.base_gguf or {}
+        remember = (
+            conv.spec.format == "lora" and bg.get("exists") and not bg.get("sha256_cached") and not remembered
+        )
+        remembered = remembered or bool(remember)
+        txns.append(_deploy_txn(cfg, ep, facts, t, conv, allow_outage, health_local, notes, bool(remember)))
+    if txns:
+        _outage_note(ep, allow_outage, notes)
+        _check_space(ep, facts, txns)
+    return EndpointPlan(ep.name, tuple(converts), tuple(txns), facts, recovery)
+
+
+def _check_space(ep: EndpointConfig, facts: EndpointFacts, txns: list[Transaction]) -> None:
+    """Refuse, before anything is written, a transfer the endpoint's disk cannot hold."""
+    need = sum(s.bytes for t in txns for s in t.steps)
+    margin = 1 << 20  # RELEASE.json, status and journal lines
+    if facts.free_bytes and need + margin > facts.free_bytes:
+        raise UsageError(
+            f"endpoint {ep.name}: {ep.adapter_dir} has {human_bytes(facts.free_bytes)} free, this deploy writes "
+            f"{human_bytes(need)} there (+{human_bytes(margin)} of records): refusing before any transfer",
+            "free space there (or lower keep_releases and let older releases be pruned), then rerun",
+        )
+
+
+def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:
+    if ep.reload_method == "restart" and not (allow_outage or ep.allow_outage):
+        notes.append(
+            f"{ep.name}: reload_method restart stops the service (expected outage 10–20 s): "
+            "a real run needs --allow-outage, or allow_outage: true in this endpoint's config"
+        )
+
+
+def plan_recovery(
+    cfg: Config, ep: EndpointConfig, facts: EndpointFacts, allow_outage: bool
+) -> Transaction | None:
+    """What finishes (or undoes) the transaction an interrupted command left open on this endpoint."""
+    if facts.journal is None:
+        return None
+    b = facts.journal.begin
+    model, version = b.get("model"), b.get("version")
+    if model not in cfg.models or model not in facts.models:
+        return None
+    mf = facts.models[model]
+    state = state_of(facts.journal, mf)
+    driver = _driver(ep, facts, allow_outage)
+    before, target, restore = (
+        tuple((b.get(k) or {}).get(s) for s in ("active", "previous"))
+        for k in ("before", "target", "restore")
+    )
+    base = (ep.name, model, version)
+    steps: list[Step] = []
+    compensation: list[Step] = []
+    if state.action == "roll-forward":
+        steps = _activation(ep, model, version, target[1], driver, "verifying")[1:]  # the swap happened
+        steps += [_verify(cfg, ep, model, version, "", report_only=False), MarkGood(*base)]
+        compensation = _activation(
+            ep, model, restore[0], restore[1], driver, "rolled_back", compensating=True
+        )
+    elif state.action == "compensate":
+        steps = _activation(ep, model, restore[0], restore[1], driver, "rolled_back", compensating=True)
+    elif state.action == "commit":
+        steps = [MarkGood(*base)]
+    elif state.action == "undo-swap":
+        steps = [
+            Swap(
+                *base,
+                active=mf.active if mf.active != "?" else before[0],
+                previous=before[1],
+                status="unverified",
+                why=" — put back as they were before the interrupted deploy",
+            )
+        ]
+    elif state.action == "complete":
+        steps = _activation(ep, model, target[0], target[1], driver, "unverified")
+        steps += [_verify(cfg, ep, model, target[0], " (report only)", report_only=True)]
+        steps += [MarkGood(*base)] if target[0] else []
+    return Transaction(
+        ep.name,
+        model,
+        version,
+        "recover",
+        tuple(steps),
+        tuple(compensation),
+        before=before,
+        target=target,
+        restore=restore,
+        txn=facts.journal.txn,
+        state=state,
+    )
 
 
 def plan_deploy(
     cfg: Config,
     deployment_id: str,
     targets: list[Target],
-    endpoint_facts: Mapping[str, Mapping[str, Any] | AdapterctlError],
+    endpoint_facts: Mapping[str, EndpointFacts | AdapterctlError],
     cycle: int | None = None,
     canary: str | None = None,
     allow_outage: bool = False,
     health_local: bool = False,
 ) -> Plan:
-    """The whole deploy as data: version steps, then per endpoint its locked pipeline."""
+    """The whole deploy as data: version steps, then per endpoint its locked transactions."""
     converter = ConvertPlanner(cfg)
-    steps: list[Step] = []
+    regs: list[Register] = []
     notes: list[str] = []
     blocked: list[tuple[str, str | None, str]] = []
     for t in targets:
         if t.source is not None:
-            steps.append(
-                Step(
-                    "version",
-                    "register",
-                    f"register {t.source} as {t.version_id}: copy {len(t.files)} files "
-                    f"({human_bytes(t.size_bytes)}) into the store, record in manifest.json",
-                    model=t.model,
-                    version=t.version_id,
-                    args=(("source", str(t.source)),),
+            regs.append(
+                Register(
+                    None,
+                    t.model,
+                    t.version_id,
+                    source=str(t.source),
+                    cycle=cycle,
+                    nfiles=len(t.files),
+                    size=t.size_bytes,
                 )
             )
         else:
@@ -650,21 +783,25 @@ def plan_deploy(
     order = sorted(endpoint_facts, key=lambda n: n != canary)  # the canary's steps come first
     if canary is not None:
         notes.append(f"canary {canary}: runs first, through verify; the other endpoints only if it succeeds")
+    eplans = []
     for name in order:
         facts = endpoint_facts[name]
         ep = cfg.endpoints[name]
-        mine = [t for t in targets if ep.serves(t.model)]
         if isinstance(facts, AdapterctlError):
             blocked.append((name, None, str(facts)))
             continue
-        if facts.get("problem"):
-            blocked.append((name, None, f"{facts['problem']} — move it aside or choose another adapter_dir"))
+        if facts.problem:
+            blocked.append((name, None, f"{facts.problem} — move it aside or choose another adapter_dir"))
             continue
-        steps.extend(_endpoint_steps(cfg, ep, facts, mine, notes, allow_outage, health_local, converter))
+        mine = [t for t in targets if ep.serves(t.model)]
+        eplans.append(
+            endpoint_deploy_plan(cfg, ep, facts, mine, notes, allow_outage, health_local, converter)
+        )
     return Plan(
         "deploy",
         deployment_id,
-        tuple(steps),
+        tuple(regs),
+        tuple(eplans),
         tuple(notes),
         tuple(blocked),
         tuple(order),
@@ -674,113 +811,105 @@ def plan_deploy(
     )
 
 
-def rollback_target(
-    ep: EndpointConfig, model: str, mfacts: Mapping[str, Any], status: Mapping[str, Any] | None, to: str
-) -> str | None:
-    """Which release `rollback --to` means on this endpoint (None: `base`, serve no adapter).
-
-    Raises UsageError naming what exists.
-    """
-    have = [r["version_id"] for r in mfacts["releases"] if r["complete"]]
-    exists = f"releases there: {', '.join(have) or 'none'}; active: {mfacts['active'] or 'none'}"
-    if to == "base":
-        if mfacts["active"] is None:
-            raise UsageError(f"{ep.name}: {model} already serves the base model (no `active` link; {exists})")
-        return None
-    if to == "previous":
-        target = mfacts["previous"]
-        if not target or target == "?":
-            raise UsageError(
-                f"{ep.name}: {model} has no previous release to roll back to ({exists})",
-                "roll back with --to VERSION to one of those releases",
+def endpoint_rollback_plan(
+    cfg: Config,
+    ep: EndpointConfig,
+    facts: EndpointFacts,
+    models: list[str],
+    to: str,
+    allow_outage: bool,
+    notes: list[str],
+) -> EndpointPlan:
+    """Per model: swap to the chosen release (`to` base: no adapter), reload, verify (report only)."""
+    txns = []
+    recovery = plan_recovery(cfg, ep, facts, allow_outage)
+    if recovery is not None:
+        notes.append(f"{ep.name}: an interrupted command left an open transaction: {recovery.state.text}")
+    driver = _driver(ep, facts, allow_outage)
+    for model in models:
+        mf = facts.models[model]
+        target = rollback_target(ep, model, mf, facts, to)
+        base = (ep.name, model, target)
+        steps: list[Step] = []
+        if ep.reload_method == "sigusr1":
+            steps.append(CheckService(*base, pidfile=ep.pidfile, now=_service_check(ep, facts)[0]))
+        steps += _activation(ep, model, target, mf.active, driver, "unverified")
+        steps.append(
+            _verify(cfg, ep, model, target, " (report only: a manual rollback is not undone by itself)", True)
+        )
+        if target is not None:
+            steps.append(MarkGood(*base))
+        txns.append(
+            Transaction(
+                ep.name,
+                model,
+                target,
+                "rollback",
+                tuple(steps),
+                before=(mf.active, mf.previous),
+                target=(target, mf.active),
             )
-    elif to == "last-good":
-        target = ((status or {}).get("models", {}).get(model) or {}).get("last_good_version")
-        if not target:
-            raise UsageError(f"{ep.name}: {model} has no verified last-good release recorded ({exists})")
-    else:
-        target = to
-    if target not in have:
-        raise UsageError(f"{ep.name}: {model} has no release {target} ({exists})")
-    if target == mfacts["active"]:
-        raise UsageError(f"{ep.name}: {model} {target} is already active ({exists})")
-    return target
+        )
+    _outage_note(ep, allow_outage, notes)
+    return EndpointPlan(ep.name, (), tuple(txns), facts, recovery)
 
 
 def plan_rollback(
     cfg: Config,
     deployment_id: str,
     pairs: list[tuple[str, str]],
-    endpoint_facts: Mapping[str, Mapping[str, Any]],
+    endpoint_facts: Mapping[str, EndpointFacts],
     to: str,
     allow_outage: bool = False,
 ) -> Plan:
-    """Per (endpoint, model): lock, swap to the chosen release, reload, verify (report only).
-
-    `to` base: `active` is removed (previous ← old active), the service reloads with no adapter,
-    and the health suite is skipped (it tests the adapter); the reload confirmation still runs.
-    """
+    """Per (endpoint, model): lock, swap to the chosen release, reload, verify (report only)."""
     notes: list[str] = []
-    steps: list[Step] = []
     by_ep: dict[str, list[str]] = {}
     for ep_name, model in pairs:
         by_ep.setdefault(ep_name, []).append(model)
-    for ep_name, models in by_ep.items():
-        ep, facts = cfg.endpoints[ep_name], endpoint_facts[ep_name]
-        ep_steps: list[Step] = []
-        for model in models:
-            mf = facts["models"][model]
-            target = rollback_target(ep, model, mf, facts.get("status"), to)
-            base = dict(endpoint=ep_name, model=model, version=target)
-            if ep.reload_method == "sigusr1":
-                ep_steps.append(Step("activate", "check_service", _service_check(ep, facts)[0], **base))
-            shown = target or "(base model, no adapter)"
-            ep_steps.append(
-                Step(
-                    "rollback",
-                    "swap",
-                    f"active → {shown}, previous → {mf['active']}",
-                    **base,
-                    args=(("active", target), ("previous", mf["active"])),
-                )
+    eplans = [
+        endpoint_rollback_plan(cfg, cfg.endpoints[e], endpoint_facts[e], models, to, allow_outage, notes)
+        for e, models in by_ep.items()
+    ]
+    return Plan("rollback", deployment_id, (), tuple(eplans), tuple(notes), endpoints=tuple(by_ep))
+
+
+def rollback_target(
+    ep: EndpointConfig, model: str, mf: ModelFacts, facts: EndpointFacts, to: str
+) -> str | None:
+    """Which release `rollback --to` means on this endpoint (None: `base`, serve no adapter).
+
+    Raises UsageError naming what exists.
+    """
+    have = mf.complete()
+    exists = f"releases there: {', '.join(have) or 'none'}; active: {mf.active or 'none'}"
+    if to == "base":
+        if mf.active is None:
+            raise UsageError(f"{ep.name}: {model} already serves the base model (no `active` link; {exists})")
+        return None
+    if to == "previous":
+        target = mf.previous
+        if not target or target == "?":
+            raise UsageError(
+                f"{ep.name}: {model} has no previous release to roll back to ({exists})",
+                "roll back with --to VERSION to one of those releases",
             )
-            for path, m in compat_link_paths(ep).items():
-                if m == model:
-                    ep_steps.append(
-                        Step(
-                            "rollback",
-                            "compat_link",
-                            f"link {path} → {model}/active",
-                            **base,
-                            args=(("link", path),),
-                        )
-                    )
-            ep_steps.append(_reload_step(ep, facts, allow_outage, "rollback", **base))
-            if target is None:
-                verify = Step(
-                    "verify",
-                    "verify",
-                    "base model: health suite not applicable (it tests the adapter); "
-                    "the reload confirmation above is the check",
-                    **base,
-                    args=(("report_only", True), ("base", True)),
-                )
-            else:
-                verify = Step(
-                    "verify",
-                    "verify",
-                    _health_summary(cfg.models[model], "the live `active` release", ep)
-                    + " (report only: a manual rollback is not undone by itself)",
-                    **base,
-                    args=(("report_only", True),),
-                )
-            ep_steps.append(verify)
-        _outage_note(ep, allow_outage, notes)
-        steps += [
-            Step(
-                "lock", "lock", f"take the endpoint lock {ep.adapter_dir}/.adapterctl.lock", endpoint=ep_name
-            ),
-            *ep_steps,
-            Step("lock", "unlock", "release the endpoint lock", endpoint=ep_name),
-        ]
-    return Plan("rollback", deployment_id, tuple(steps), tuple(notes), endpoints=tuple(by_ep))
+    elif to == "last-good":
+        target = facts.last_good(model)
+        if not target:
+            raise UsageError(f"{ep.name}: {model} has no verified last-good release recorded ({exists})")
+    else:
+        target = to
+    if target not in have:
+        raise UsageError(f"{ep.name}: {model} has no release {target} ({exists})")
+    if target == mf.active:
+        raise UsageError(f"{ep.name}: {model} {target} is already active ({exists})")
+    return target
+
+
+def _prune_list(mf: ModelFacts, new: str, new_previous: str | None, keep: int) -> list[str]:
+    """Releases to remove after `new` is published, newest first kept, links protected."""
+    ordered = sorted(mf.releases, key=lambda r: r.mtime, reverse=True)
+    names = [new] + [r.version_id for r in ordered if r.version_id != new]
+    protected = {new, new_previous}
+    return [n for n in names[keep:] if n not in protected]

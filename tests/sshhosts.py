@@ -27,6 +27,14 @@ Behaviour of the hosts worth knowing:
 - Every process started through a host carries TESTHOSTS_ID=<token> in its environment;
   `stop()` ends those too (e.g. a server a test started with nohup), each by PID.
 
+Faults and paths, for tests that must prove which way a connection went or cut it:
+- `hosts.clients(alias)`: the PIDs holding the client end of each connection to that host (a
+  hop's sshd for a ProxyJump path); `hosts.serving(alias)`: that host's sshd processes.
+- `hosts.kill_connections(alias, client_port)`: SIGKILL the sshd processes serving a connection,
+  as a crashed or killed sshd child would.
+- `TcpRelay(address, (host, port))`: a relay standing in for the network; `cut()` (or
+  `cut_after(n)` relayed bytes) drops every connection through it, as a dropped link does.
+
 Standard library only; runs ssh-keygen and /usr/sbin/sshd.
 """
 
@@ -44,6 +52,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -121,6 +130,39 @@ class TestHosts:
     def ssh_argv(self, alias: str, *command: str) -> list[str]:
         """argv for `ssh` to `alias` using only the generated config."""
         return [SSH, "-F", str(self.ssh_config), alias, *command]
+
+    def serving(self, alias: str) -> set[int]:
+        """PIDs of `alias`'s sshd processes (its listener and everything under it)."""
+        root = self.hosts[alias].sshd_pid
+        return descendants(root) | {root}
+
+    def clients(self, alias: str) -> set[int]:
+        """PIDs holding the client end of an established connection to `alias`'s sshd."""
+        host = self.hosts[alias]
+        return tcp_clients(host.address, host.port)
+
+    def kill_connections(self, alias: str, client_port: int | None = None, timeout: float = 10.0) -> set[int]:
+        """SIGKILL the sshd processes serving connections to `alias` (only the one from local port
+        `client_port`, if given), as a crashed sshd child would; returns them once they are gone."""
+        host = self.hosts[alias]
+        inodes = {
+            inode
+            for local, remote, state, inode in _tcp_sockets()
+            if local == (host.address, host.port)
+            and state == _TCP_ESTABLISHED
+            and (client_port is None or remote[1] == client_port)
+        }
+        victims = {pid for pid in _socket_owners(inodes) if pid in descendants(host.sshd_pid)}
+        for pid in victims:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while any(_alive(p) for p in victims):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd processes {sorted(victims)} of {alias} survived SIGKILL")
+            if host.proc is not None:
+                host.proc.poll()
+            time.sleep(0.01)
+        return victims
 
     def stop(self) -> None:
         """End every process these hosts started (listeners, sessions, their children), by PID."""
@@ -833,3 +875,171 @@ def stop_dir(dir: Path) -> int:
     _stop(state["marker"], listeners, configs)
     state_path.unlink(missing_ok=True)
     return len(found)
+
+
+# --------------------------------------------------------------------------------------------
+# who is connected to whom, and a network that can be cut
+
+_TCP_ESTABLISHED = "01"
+
+
+def _tcp_address(field: str) -> tuple[str, int]:
+    addr, port = field.split(":")
+    return socket.inet_ntoa(struct.pack("=I", int(addr, 16))), int(port, 16)
+
+
+def _tcp_sockets() -> list[tuple[tuple[str, int], tuple[str, int], str, str]]:
+    """(local address, remote address, state, inode) of this machine's IPv4 TCP sockets."""
+    rows = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if len(f) > 9:
+            rows.append((_tcp_address(f[1]), _tcp_address(f[2]), f[3], f[9]))
+    return rows
+
+
+def _socket_owners(inodes: set[str]) -> set[int]:
+    """PIDs with an open file descriptor on one of the sockets `inodes`."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    owners = set()
+    for pid in _proc_pids():
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                        owners.add(pid)
+                        break
+    return owners
+
+
+def tcp_clients(address: str, port: int) -> set[int]:
+    """PIDs holding the client end of an established TCP connection to address:port."""
+    inodes = {
+        inode
+        for _local, remote, state, inode in _tcp_sockets()
+        if remote == (address, port) and state == _TCP_ESTABLISHED
+    }
+    return _socket_owners(inodes)
+
+
+def descendants(pid: int) -> set[int]:
+    """Live processes under `pid` (not `pid` itself)."""
+    children: dict[int, list[int]] = {}
+    for p in _proc_pids():
+        children.setdefault(_ppid(p), []).append(p)
+    found, stack = set(), [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in found:
+                found.add(c)
+                stack.append(c)
+    return {p for p in found if _alive(p)}
+
+
+class TcpRelay:
+    """A TCP relay from `address` (loopback) to `target`: the network between a client and a host.
+
+    `cut()` drops every connection through it at once, as a dropped link does (both ends see the
+    connection end); `cut_after(n)` does so once n more bytes went from clients to the target.
+    New connections still pass afterwards, as when the network comes back.
+    """
+
+    def __init__(self, address: str, target: tuple[str, int]):
+        self.target = target
+        self._listener = socket.create_server((address, 0))
+        self.address, self.port = self._listener.getsockname()[:2]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._threads: list[threading.Thread] = []
+        self._budget: int | None = None  # bytes upstream until the next cut
+        self.cuts = 0  # connections dropped so far
+        self._closed = False
+        self._start(self._accept)
+
+    def _start(self, fn, *args) -> None:
+        t = threading.Thread(target=fn, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self._pairs.append((client, upstream))
+            self._start(self._pump, client, upstream, True)
+            self._start(self._pump, upstream, client, False)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if upstream and self._spend(len(data)):
+                    return
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):  # one side ended: end the other
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def _spend(self, n: int) -> bool:
+        with self._lock:
+            if self._budget is None:
+                return False
+            self._budget -= n
+            if self._budget > 0:
+                return False
+            self._budget = None
+        self.cut()
+        return True
+
+    def cut_after(self, nbytes: int) -> None:
+        """Drop every connection once `nbytes` more bytes went from clients to the target."""
+        with self._lock:
+            self._budget = nbytes
+
+    def cut(self) -> int:
+        """Drop every connection through the relay now; returns how many."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+            self.cuts += len(pairs)
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the pumps; they close nothing themselves
+        for pair in pairs:
+            for s in pair:
+                s.close()
+        return len(pairs)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self.cut()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def __enter__(self) -> TcpRelay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

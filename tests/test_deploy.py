@@ -465,7 +465,7 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_broken_automatically(work
     assert broke["broken_holder"]["deployment_id"] == "20260101T000000Z-dead00"
 
 
-def test_break_lock_breaks_only_a_lock_older_than_lock_stale_after_s(workspace):
+def test_break_lock_breaks_a_live_holders_lock_and_logs_who_broke_it(workspace):
     ws = workspace
     holder = subprocess.Popen(["sleep", "30"])
     try:
@@ -476,21 +476,38 @@ def test_break_lock_breaks_only_a_lock_older_than_lock_stale_after_s(workspace):
             deployment_id="20260101T000000Z-0ld0ld",
         )
         on_mac = ("deploy", "--cycle", "1", "--all-adapters", "--endpoints", "mac-dev")
-        ws.cli(*on_mac, "--break-lock", check=3)  # default lock_stale_after_s: an hour
+        ws.cli(*on_mac, check=3)  # held, and nobody asked to break it
         assert ws.active("mac-dev") is None
-        config = write_config(ws.root, extra_model=True)
-        config.write_text(config.read_text() + "lock_stale_after_s: 1\n")
-        old = time.time() - 120
-        os.utime(lock, (old, old))
-        ws.cli(*on_mac, check=3)  # stale, but nobody asked to break it
         ws.cli(*on_mac, "--break-lock", check=0)
         assert ws.active("mac-dev") == vid(ws, 1)
         assert not lock.exists()
         [broke] = [r for r in ws.log() if r["action"] == "break_lock"]
         assert broke["broken_holder"]["deployment_id"] == "20260101T000000Z-0ld0ld"
+        assert broke["broken_state"] == "held" and broke["broken_by"].startswith(getpass.getuser())
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(
+    "content,named",
+    [(b"", "is empty"), (b"\x00\xff\xfe\x01garbage\x00", "binary data"), (b"{not json", "no valid holder")],
+)
+def test_an_empty_garbage_or_binary_lock_is_named_and_break_lock_clears_it(workspace, content, named):
+    ws = workspace
+    lock = ws.endpoints["mac-dev"] / ".adapterctl.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_bytes(content)
+    on_mac = ("deploy", "--cycle", "1", "--all-adapters", "--endpoints", "mac-dev")
+    proc = ws.cli(*on_mac, check=3)
+    text = proc.stdout + proc.stderr
+    assert named in text and "--break-lock" in text and "None@None" not in text, text
+    status = ws.cli("status", "--endpoints", "mac-dev", check=0).stdout
+    assert named in status, status
+    ws.cli(*on_mac, "--break-lock", check=0)
+    assert not lock.exists() and ws.active("mac-dev") == vid(ws, 1)
+    [broke] = [r for r in ws.log() if r["action"] == "break_lock"]
+    assert broke["broken_holder"] is None and broke["broken_state"] in ("empty", "binary", "garbage")
 
 
 # -- keep_releases ------------------------------------------------------------------------------

@@ -63,13 +63,16 @@ class Transport(ABC):
         names: Sequence[str],
         basis: str | None = None,
         progress: ProgressFn | None = None,
+        resume: bool = False,
     ) -> SyncResult:
         """Send the files `names` (relative to local `src`) into endpoint directory `dest`.
 
         `basis` is an endpoint directory with older versions of the same files: given, changed
         files are sent as deltas against them (for large, mostly unchanged files such as merged
         GGUFs); without it whole files are sent (LoRA weights change in every byte).
-        Resumable; never leaves a truncated file under its final name. Raises TransportError.
+        `resume`: pieces of an interrupted transfer are in dest's partial dir: continue from them
+        (delta against the piece) instead of sending whole files again.
+        Never leaves a truncated file under its final name. Raises TransportError.
         """
 
     @abstractmethod
@@ -104,4 +107,6 @@ class Transport(ABC):
         where = f"endpoint {self.name} ({self.where})"
         if kind == "invalid":
             raise UsageError(f"{where}: {message}")
-        raise TransportError(f"{where}: {op} failed: {message}", err.get("hint"))
+        exc = TransportError(f"{where}: {op} failed: {message}", err.get("hint"))
+        exc.kind, exc.data = kind, err.get("data")
+        raise exc

@@ -30,6 +30,7 @@ class LocalTransport(Transport):
         names: Sequence[str],
         basis: str | None = None,
         progress: ProgressFn | None = None,
+        resume: bool = False,
     ) -> SyncResult:
         try:
             files_sent, bytes_sent = endpoint_ops.copy_tree(str(src), dest, list(names), progress)
