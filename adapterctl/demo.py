@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -100,25 +99,16 @@ def make_adapter(
 
 def write_bfloat16(src_weights: Path, dst_weights: Path) -> None:
     """Write the safetensors file `src_weights` to `dst_weights` with every tensor rounded to
-    bfloat16 (nearest even). numpy has no bfloat16, so the file is written by hand: a u64 header
-    length, the JSON header (dtype BF16), then the raw little-endian 16-bit values."""
-    import numpy as np
+    bfloat16 (nearest even), which numpy cannot represent (so adapterctl.formats writes the bytes)."""
     from safetensors.numpy import load_file
 
-    header, blobs, offset = {}, [], 0
-    for name, arr in sorted(load_file(str(src_weights)).items()):
-        bits = np.ascontiguousarray(arr, np.float32).view(np.uint32).astype(np.uint64)
-        raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(raw)],
-        }
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    dst_weights.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+    from adapterctl.formats import safetensors as st
+
+    tensors = {
+        name: ("BF16", arr.shape, st.encode(arr.astype("float32"), "BF16"))
+        for name, arr in load_file(str(src_weights)).items()
+    }
+    st.write(dst_weights, tensors, {})
 
 
 def save_as_bfloat16(src: Path, dst: Path) -> Path:
@@ -134,28 +124,14 @@ def upcast_bfloat16(weights: Path) -> dict[str, Any] | None:
     None when it holds none, or anything this reader does not handle (other dtypes, a malformed
     file): the caller then leaves the file to the loader, which reports what is wrong with it.
     """
-    import numpy as np
+    from adapterctl.formats.safetensors import SafetensorsFile
 
     try:
-        data = weights.read_bytes()
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        if not any(meta["dtype"] == "BF16" for meta in tensors.values()):
+        lora = SafetensorsFile(weights)
+        if not any(spec.dtype == "BF16" for spec in lora.tensors.values()):
             return None
-        body, out = data[8 + size :], {}
-        for name, meta in tensors.items():
-            lo, hi = meta["data_offsets"]
-            raw = body[lo:hi]
-            if meta["dtype"] == "BF16":
-                arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-            elif meta["dtype"] in ("F32", "F16"):
-                arr = np.frombuffer(raw, "<f4" if meta["dtype"] == "F32" else "<f2").astype(np.float32)
-            else:
-                return None
-            out[name] = arr.reshape(meta["shape"])
-        return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return lora.float32_all()
+    except (OSError, ValueError):
         return None
 
 

@@ -804,7 +804,10 @@ def read_lock(adapter_dir):
         state = "empty"
     else:
         try:
-            holder = json.loads(raw.decode("utf-8"))
+            text = raw.decode("utf-8")
+            if any(c < " " and c not in "\t\r\n" for c in text):
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "control characters")
+            holder = json.loads(text)
         except UnicodeDecodeError:
             state = "binary"
         except ValueError:

@@ -28,7 +28,14 @@ from adapterctl.facts import gather
 from adapterctl.identity import Identity, iso, utc_now
 from adapterctl.journal import Journal
 from adapterctl.outcome import STATUS_EXIT, Outcome, worst
-from adapterctl.plan import EndpointPlan, Plan, Transaction, endpoint_deploy_plan, plan_recovery
+from adapterctl.plan import (
+    EndpointPlan,
+    Plan,
+    Transaction,
+    endpoint_deploy_plan,
+    endpoint_rollback_plan,
+    plan_recovery,
+)
 from adapterctl.steps import RunState, Step, StepContext, Swap
 from adapterctl.transports.base import Transport
 
@@ -227,48 +234,25 @@ class Executor:
                 o.status, o.error = status, why
 
     def run_locked(self, eplan: EndpointPlan, tr: Transport) -> None:
-        """Under the lock: recover, re-check the facts, then run the transactions."""
+        """Under the lock: finish an interrupted transaction, re-check the facts, run the transactions."""
         ep = self.cfg.endpoints[eplan.endpoint]
         models = sorted(eplan.facts.models)
         journal = Journal(tr, ep.adapter_dir, self.ctx.clock)
         fresh = gather(ep, tr, models)
         skip: set[tuple[str, str]] = set()
         recovery = plan_recovery(self.cfg, ep, fresh, self.ctx.allow_outage)
+        foreseen = False
         if recovery is not None:
             planned = eplan.recovery
-            recovery = planned if planned is not None and planned.txn == recovery.txn else recovery
-            if self.run_txn(recovery, journal) == "rolled_back":
+            foreseen = planned is not None and planned.txn == recovery.txn
+            recovery = planned if foreseen else recovery
+            if self.run_txn(recovery, journal) == "rolled_back" or recovery.state.action == "complete":
                 skip.add((recovery.model, recovery.version))
             fresh = gather(ep, tr, models)
         if fresh.basis() != eplan.facts.basis():
-            changes = fresh.changes_since(eplan.facts) or ["an interrupted command was finished"]
-            if self.plan.kind != "deploy":
-                why = (
-                    f"endpoint {ep.name} changed since the plan was made ({'; '.join(changes)}): "
-                    "refusing to apply a stale plan — run the command again"
-                )
-                self.say(ep.name, why)
-                self.end_all(eplan, "stale", why)
+            eplan = self.replan(eplan, ep, fresh, foreseen, skip)
+            if eplan is None:
                 return
-            self.say(
-                ep.name, f"the endpoint changed since the plan was made ({'; '.join(changes)}): planned again"
-            )
-            notes: list[str] = []
-            targets = [t for t in self.plan.targets if ep.serves(t.model)]
-            eplan = endpoint_deploy_plan(
-                self.cfg,
-                ep,
-                fresh,
-                targets,
-                notes,
-                self.ctx.allow_outage,
-                self.ctx.health_local,
-                skip=frozenset(skip),
-            )
-            for note in notes:
-                self.say(ep.name, note)
-            for step in eplan.converts:  # the same conversions: found in this run's artifacts
-                self.run_unjournaled(step)
         for txn in eplan.transactions:
             self.registered.get(txn.model, _SET).wait()
             out = self.outcome(txn.endpoint, txn.model, txn.version)
@@ -276,6 +260,58 @@ class Executor:
                 out.status, out.error = "failed", self.failed_models[txn.model]
             if not out.done:
                 self.run_txn(txn, journal)
+
+    def replan(
+        self, eplan: EndpointPlan, ep: Any, fresh: Any, foreseen: bool, skip: set
+    ) -> EndpointPlan | None:
+        """The endpoint changed since planning: plan it again with the same functions (a deploy, or a
+        rollback whose plan foresaw the recovery), or refuse a stale rollback (exit 3)."""
+        changes = fresh.changes_since(eplan.facts) or ["an interrupted command was finished"]
+        if self.plan.kind != "deploy" and not foreseen:
+            why = (
+                f"endpoint {ep.name} changed since the plan was made ({'; '.join(changes)}): "
+                "refusing to apply a stale plan — run the command again"
+            )
+            self.say(ep.name, why)
+            self.end_all(eplan, "stale", why)
+            return None
+        self.say(
+            ep.name, f"the endpoint changed since the plan was made ({'; '.join(changes)}): planned again"
+        )
+        notes: list[str] = []
+        try:
+            if self.plan.kind == "deploy":
+                targets = [t for t in self.plan.targets if ep.serves(t.model)]
+                new = endpoint_deploy_plan(
+                    self.cfg,
+                    ep,
+                    fresh,
+                    targets,
+                    notes,
+                    self.ctx.allow_outage,
+                    self.ctx.health_local,
+                    skip=frozenset(skip),
+                )
+            else:
+                models = [t.model for t in eplan.transactions if (t.model, t.version) not in skip]
+                new = endpoint_rollback_plan(
+                    self.cfg,
+                    ep,
+                    fresh,
+                    models,
+                    self.plan.rollback_to or "previous",
+                    self.ctx.allow_outage,
+                    notes,
+                )
+        except AdapterctlError as exc:
+            self.say(ep.name, f"FAILED: {exc}")
+            self.end_all(eplan, "failed", str(exc))
+            return None
+        for note in notes:
+            self.say(ep.name, note)
+        for step in new.converts:  # the same conversions: found in this run's artifacts
+            self.run_unjournaled(step)
+        return new
 
     # -- transactions -------------------------------------------------------------------------------
     def run_unjournaled(self, step: Step) -> None:

@@ -17,23 +17,23 @@ layer, and mlx_lm refuses to load the adapter (names not matching its LoRA layer
 Non-contiguous layer sets, different modules on different layers, DoRA, embeddings, LoRA biases,
 per-module rank/alpha patterns and modules outside the decoder blocks are refused (ValueError).
 
-Only numpy and json: the safetensors file is read and written here byte for byte, so F32, F16 and
-BF16 tensors keep their dtype and values exactly (numpy has no bfloat16, so the safetensors library
-cannot hand BF16 tensors to numpy); the conversion needs neither torch nor mlx.
+Only numpy and the safetensors library: tensors are read and written byte for byte
+(adapterctl.formats.safetensors), so F32, F16 and BF16 tensors keep their dtype and values exactly;
+the conversion needs neither torch nor mlx. The PEFT config is read by adapterctl.formats.peft.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
-import struct
 from pathlib import Path
-from typing import Any
 
-PEFT_CONFIG = "adapter_config.json"
+from adapterctl.formats import peft
+from adapterctl.formats.safetensors import SafetensorsFile, write
+
+PEFT_CONFIG = peft.CONFIG_FILE
 PEFT_WEIGHTS = "adapter_model.safetensors"
 MLX_CONFIG = "adapter_config.json"
 MLX_WEIGHTS = "adapters.safetensors"
@@ -55,102 +55,33 @@ _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(?P<layer>\d+)\.(?P<module>[\w.]+?)"
     r"\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$"
 )
-_MAX_HEADER = 100 << 20
 
 
 def _refuse(peft_dir: Path, what: str) -> ValueError:
     return ValueError(f"{peft_dir}: cannot convert this PEFT adapter for mlx_lm: {what}")
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], bytes]:
-    """(tensor header entries, __metadata__, data section) of a safetensors file, validated."""
-    raw = Path(path).read_bytes()
-    if len(raw) < 8:
-        raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-    (size,) = struct.unpack("<Q", raw[:8])
-    if size > min(_MAX_HEADER, len(raw) - 8):
-        raise ValueError(f"{path}: not a safetensors file (header length {size})")
-    try:
-        header = json.loads(raw[8 : 8 + size].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: safetensors header is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data = raw[8 + size :]
-    for name, entry in header.items():
-        try:
-            begin, end = entry["data_offsets"]
-            count = math.prod(entry["shape"])
-            itemsize = _ITEMSIZE.get(entry["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
-        if itemsize is None:
-            continue  # the caller refuses it with the tensor's name and dtype
-        if not (0 <= begin <= end <= len(data) and end - begin == count * itemsize):
-            raise ValueError(f"{path}: tensor {name}: data_offsets {entry['data_offsets']} do not fit")
-    return header, metadata, data
-
-
-def write_safetensors(
-    path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]], metadata: dict
-) -> None:
-    """Write {name: (dtype, shape, raw little-endian bytes)} atomically (temp file + rename)."""
-    header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
-    offset = 0
-    for name in sorted(tensors):
-        dtype, shape, blob = tensors[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(encoded)))
-            fh.write(encoded)
-            for name in sorted(tensors):
-                fh.write(tensors[name][2])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _transpose(dtype: str, shape: list[int], blob: bytes) -> tuple[tuple[int, ...], bytes]:
+def _transpose(dtype: str, shape: tuple[int, ...], blob) -> tuple[tuple[int, ...], bytes]:
     import numpy as np
 
     array = np.frombuffer(blob, dtype=_RAW[_ITEMSIZE[dtype]]).reshape(shape)
     return (shape[1], shape[0]), np.ascontiguousarray(array.T).tobytes()
 
 
-def _check_config(peft_dir: Path, cfg: dict) -> tuple[int, float, float]:
-    """(r, scale, dropout) from a PEFT LoRA config; refuses what mlx_lm's LoRA cannot express."""
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise _refuse(peft_dir, f"peft_type {cfg.get('peft_type')!r} is not LORA")
-    unsupported = {
-        "use_dora": "DoRA (use_dora: true)",
-        "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
-        "lora_bias": "LoRA biases (lora_bias: true)",
-        "modules_to_save": f"modules_to_save {cfg.get('modules_to_save')!r}",
-        "rank_pattern": f"per-module ranks (rank_pattern {cfg.get('rank_pattern')!r})",
-        "alpha_pattern": f"per-module alphas (alpha_pattern {cfg.get('alpha_pattern')!r})",
-        "layer_replication": "layer_replication",
-        "target_parameters": "target_parameters",
-        "trainable_token_indices": "trainable_token_indices",
-    }
-    for key, what in unsupported.items():
-        if cfg.get(key):
-            raise _refuse(peft_dir, f"{what} is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise _refuse(peft_dir, f"bias {cfg['bias']!r} is not supported (only 'none')")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise _refuse(peft_dir, f"r must be a positive integer, not {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-        raise _refuse(peft_dir, f"lora_alpha must be a number, not {alpha!r}")
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    dropout = cfg.get("lora_dropout") or 0.0
-    return r, float(scale), float(dropout)
+def _check_config(peft_dir: Path) -> peft.LoraConfig:
+    """The PEFT LoRA config; refuses what mlx_lm's LoRA (one rank and scale for all) cannot express."""
+    try:
+        cfg = peft.load(peft_dir)
+    except peft.PeftConfigError as exc:
+        raise _refuse(peft_dir, f"{PEFT_CONFIG}: {exc.what}") from None
+    blockers = cfg.merge_blockers()
+    if cfg.rank_pattern:
+        blockers.append(f"per-module ranks (rank_pattern {dict(cfg.rank_pattern)!r})")
+    if cfg.alpha_pattern:
+        blockers.append(f"per-module alphas (alpha_pattern {dict(cfg.alpha_pattern)!r})")
+    if blockers:
+        raise _refuse(peft_dir, f"{blockers[0]} is not supported")
+    return cfg
 
 
 def peft_to_mlx(peft_dir: Path | str, out_dir: Path | str, num_layers_total: int | None = None) -> dict:
@@ -162,18 +93,14 @@ def peft_to_mlx(peft_dir: Path | str, out_dir: Path | str, num_layers_total: int
     tensors, source_sha256. Raises ValueError for an adapter it cannot convert exactly.
     """
     peft_dir, out_dir = Path(peft_dir), Path(out_dir)
-    try:
-        cfg = json.loads((peft_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise _refuse(peft_dir, f"cannot read {PEFT_CONFIG}: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise _refuse(peft_dir, f"{PEFT_CONFIG} is not a JSON object")
-    r, scale, dropout = _check_config(peft_dir, cfg)
+    cfg = _check_config(peft_dir)
+    r, scale, dropout = cfg.r, cfg.scale(), cfg.lora_dropout
     weights = peft_dir / PEFT_WEIGHTS
     try:
-        header, _, data = read_safetensors(weights)
-    except OSError as exc:
+        lora = SafetensorsFile(weights)
+    except (OSError, ValueError) as exc:
         raise _refuse(peft_dir, f"cannot read {PEFT_WEIGHTS}: {exc}") from None
+    header = lora.tensors
 
     pairs: dict[tuple[int, str], dict[str, str]] = {}  # (layer, module) -> {"A": name, "B": name}
     strange = []
@@ -208,12 +135,12 @@ def peft_to_mlx(peft_dir: Path | str, out_dir: Path | str, num_layers_total: int
             raise _refuse(peft_dir, f"layer {layer} {module} has no {missing}")
         a, b = header[ab["A"]], header[ab["B"]]
         for entry, tensor in ((a, ab["A"]), (b, ab["B"])):
-            if entry.get("dtype") not in _ITEMSIZE:
-                raise _refuse(peft_dir, f"{tensor}: dtype {entry.get('dtype')!r} (supported: F32, F16, BF16)")
-            if len(entry["shape"]) != 2:
-                raise _refuse(peft_dir, f"{tensor}: shape {entry['shape']} is not 2-D")
-            dtypes.add(entry["dtype"])
-        (ra, fan_in), (fan_out, rb) = a["shape"], b["shape"]
+            if entry.dtype not in _ITEMSIZE:
+                raise _refuse(peft_dir, f"{tensor}: dtype {entry.dtype!r} (supported: F32, F16, BF16)")
+            if len(entry.shape) != 2:
+                raise _refuse(peft_dir, f"{tensor}: shape {list(entry.shape)} is not 2-D")
+            dtypes.add(entry.dtype)
+        (ra, fan_in), (fan_out, rb) = a.shape, b.shape
         if ra != r or rb != r:
             raise _refuse(
                 peft_dir, f"layer {layer} {module}: rank {ra}/{rb} in the tensors, r={r} in the config"
@@ -262,9 +189,7 @@ def peft_to_mlx(peft_dir: Path | str, out_dir: Path | str, num_layers_total: int
     out: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
     for (layer, module), ab in pairs.items():
         for which, leaf in (("A", "lora_a"), ("B", "lora_b")):
-            entry = header[ab[which]]
-            begin, end = entry["data_offsets"]
-            shape, blob = _transpose(dtype, entry["shape"], data[begin:end])
+            shape, blob = _transpose(dtype, header[ab[which]].shape, lora.raw(ab[which]))
             out[f"model.layers.{layer}.{module}.{leaf}"] = (dtype, shape, blob)
     padded = list(range(hi + 1, last + 1))
     for layer in padded:  # exactly-zero updates, so mlx_lm's "last num_layers" covers lo..hi
@@ -283,14 +208,14 @@ def peft_to_mlx(peft_dir: Path | str, out_dir: Path | str, num_layers_total: int
         "adapterctl": {
             "converted_from": "peft",
             "source_sha256": source_sha256,
-            "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+            "base_model_name_or_path": cfg.base_model_name_or_path,
             "peft_layers": [lo, hi],
             "padded_layers": padded,
             "num_layers_total": num_layers_total,
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out_dir / MLX_WEIGHTS, out, {"format": "mlx", "source_sha256": source_sha256})
+    write(out_dir / MLX_WEIGHTS, out, {"format": "mlx", "source_sha256": source_sha256})
     tmp = out_dir / f".{MLX_CONFIG}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / MLX_CONFIG)

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adapterctl.formats import peft
+
 PROMPT_TEMPLATE = "{input}\n"
 MAX_NEW_TOKENS = 64  # the longest target (German) is 42 tokens
 BASE_MODEL_NAME = "local/tiny-llama"  # base_model_name_or_path written into adapter_config.json
@@ -422,12 +424,11 @@ class Translator:
 
         mlx = (adapter_dir / MLX_WEIGHTS_FILE).is_file() and not (adapter_dir / WEIGHTS_FILE).is_file()
         try:
-            cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            if mlx:
-                scale = float(cfg["lora_parameters"]["scale"])
+            if mlx:  # mlx_lm's adapter config (mlxformat writes it), not PEFT's
+                cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+                mlx_scale = float(cfg["lora_parameters"]["scale"])
             else:
-                r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-                scale = alpha / (r**0.5) if cfg.get("use_rslora") else alpha / r
+                lora_config = peft.load(adapter_dir)
             tensors = load_file(str(adapter_dir / (MLX_WEIGHTS_FILE if mlx else WEIGHTS_FILE)))
         except Exception as exc:  # missing file, bad JSON, bad safetensors header, missing key
             raise BadAdapter(f"{adapter_dir}: cannot read the adapter: {type(exc).__name__}: {exc}") from exc
@@ -443,6 +444,7 @@ class Translator:
                     f"{adapter_dir}: {name} has no {b_key.strip('.')} pair or no base weight {target}"
                 )
             a, b = a.astype(np.float32), b.astype(np.float32)
+            scale = mlx_scale if mlx else lora_config.scale(target.removesuffix(".weight"))
             delta = scale * ((a @ b).T if mlx else b @ a)
             if delta.shape != self.w[target].shape:
                 raise BadAdapter(

@@ -18,10 +18,12 @@ from typing import Any
 
 from adapterctl.endpoint_ops import CHUNK, compare_files, fsync_dir, hash_files, sha256_file
 from adapterctl.errors import AdapterInvalid, VersionConflict
+from adapterctl.formats import peft
+from adapterctl.formats.safetensors import read_header
 from adapterctl.names import check_cycle, check_name
 
 WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
+CONFIG = peft.CONFIG_FILE
 METRICS = "training_metrics.json"
 _PAIR = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 
@@ -60,67 +62,34 @@ def newest_adapter(source: Path) -> Path:
     return max(candidates, key=lambda d: (d / WEIGHTS).stat().st_mtime)
 
 
-def _load_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / CONFIG
+def _load_config(path: Path) -> peft.LoraConfig:
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterInvalid(
-            f"{cfg_path}: missing", "a PEFT adapter directory needs adapter_config.json"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterInvalid(f"{cfg_path}: not valid JSON: {exc}") from None
-    if not isinstance(cfg, dict):
-        raise AdapterInvalid(f"{cfg_path}: must be a JSON object")
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise AdapterInvalid(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    r = cfg.get("r")
-    if "r" not in cfg:
-        raise AdapterInvalid(f"{cfg_path}: missing 'r' (the LoRA rank)")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterInvalid(f"{cfg_path}: 'r' must be a positive integer, got {r!r}")
-    alpha = cfg.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise AdapterInvalid(f"{cfg_path}: 'lora_alpha' missing or not a number")
-    targets = cfg.get("target_modules")
-    if not (isinstance(targets, str) or (isinstance(targets, list) and targets)):
-        raise AdapterInvalid(f"{cfg_path}: 'target_modules' missing or empty")
-    return cfg
+        return peft.load(path, strict=True)
+    except peft.PeftConfigError as exc:
+        raise AdapterInvalid(str(exc), exc.fix) from None
 
 
-def _rank_for(module: str, cfg: dict[str, Any]) -> int:
-    # PEFT's rank_pattern: keys match the end of the module name
-    for key, rank in (cfg.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return int(rank)
-    return int(cfg["r"])
-
-
-def _check_tensors(path: Path, cfg: dict[str, Any]) -> tuple[str, int]:
-    """Parse the safetensors header and check every lora_A/lora_B pair against r."""
-    from safetensors import safe_open  # light, but keep `--help` free of it
-
+def _check_tensors(path: Path, cfg: peft.LoraConfig) -> tuple[str, int]:
+    """Read the safetensors header and check every lora_A/lora_B pair against r."""
     weights = path / WEIGHTS
     if not weights.is_file():
         raise AdapterInvalid(f"{weights}: missing")
     try:
-        with safe_open(str(weights), framework="numpy") as f:
-            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for any bad header
-        raise AdapterInvalid(f"{weights}: safetensors header does not parse: {exc}") from None
+        specs, _metadata = read_header(weights)
+    except (OSError, ValueError) as exc:
+        raise AdapterInvalid(str(exc) if isinstance(exc, ValueError) else f"{weights}: {exc}") from None
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-    for name, (shape, _dtype) in shapes.items():
+    for name, spec in specs.items():
         m = _PAIR.match(name)
         if m:
-            pairs.setdefault(m["module"], {})[m["ab"]] = shape
+            pairs.setdefault(m["module"], {})[m["ab"]] = spec.shape
     if not pairs:
         raise AdapterInvalid(f"{weights}: no lora_A/lora_B tensors found")
-    targets = cfg["target_modules"]
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterInvalid(f"{weights}: {module} has no {missing} tensor")
-        r = _rank_for(module, cfg)
+        r = cfg.rank(module)
         a, b = ab["A"], ab["B"]
         if len(a) != 2 or len(b) != 2:
             raise AdapterInvalid(f"{weights}: {module}: LoRA tensors must be 2-D, got A{list(a)} B{list(b)}")
@@ -129,18 +98,12 @@ def _check_tensors(path: Path, cfg: dict[str, Any]) -> tuple[str, int]:
             raise AdapterInvalid(f"{weights}: {module}.lora_A shape {list(a)} does not match r={r}")
         if b_rank != r:
             raise AdapterInvalid(f"{weights}: {module}.lora_B shape {list(b)} does not match r={r}")
-        leaf = module.rsplit(".", 1)[-1]
-        # PEFT matches a target by exact name or by dotted suffix ("self_attn.q_proj")
-        if (
-            isinstance(targets, list)
-            and leaf not in targets
-            and not any(module == t or module.endswith("." + t) for t in targets)
-        ):
+        if not cfg.targets(module):
             raise AdapterInvalid(
-                f"{weights}: tensor for {module} but target_modules is {targets}",
+                f"{weights}: tensor for {module} but target_modules is {list(cfg.target_modules or ())}",
                 "the adapter_config.json does not belong to these weights",
             )
-    dtypes = sorted({d for _s, d in shapes.values()})
+    dtypes = sorted({spec.dtype for spec in specs.values()})
     return (dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes)), len(pairs)
 
 
@@ -165,14 +128,13 @@ def inspect_adapter(path: Path) -> AdapterInfo:
         if p.is_file() and not p.name.startswith(".")
     }
     size = sum((path / rel).stat().st_size for rel in files)
-    peft = {k: cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")}
     return AdapterInfo(
         path=path,
         files=files,
         size_bytes=size,
         sha256=files[WEIGHTS],
-        peft={k: v for k, v in peft.items() if v is not None},
-        base_model=cfg.get("base_model_name_or_path"),
+        peft=cfg.summary(),
+        base_model=cfg.base_model_name_or_path,
         dtype=dtype,
         lora_pairs=n_pairs,
         training_metrics=metrics,

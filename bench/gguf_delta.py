@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import load_sshhosts  # noqa: E402
 
 from adapterctl import tinymodel  # noqa: E402
-from adapterctl.convert import gguf as convert_gguf  # noqa: E402
 from adapterctl.endpoint_ops import PARTIAL_DIR  # noqa: E402
+from adapterctl.formats import gguf as gguf_format  # noqa: E402
 
 HOST = "gguf-1"
 TARGET_RATIO = 1.2
@@ -278,9 +278,9 @@ models:
         (old, s1), (new, s2) = self.artifact(entries[0]["version"]), self.artifact(entries[1]["version"])
         res.convert_seconds = [s1, s2]
         res.file_bytes = new.stat().st_size
-        changed = convert_gguf.changed_tensors(old, new)
-        res.changed_tensor_bytes = convert_gguf.changed_tensor_bytes(old, new)
-        res.changed_tensors, res.tensors = len(changed), len(convert_gguf.tensor_sizes(new))
+        changed = gguf_format.changed_tensors(old, new)
+        res.changed_tensor_bytes = gguf_format.changed_tensor_bytes(old, new)
+        res.changed_tensors, res.tensors = len(changed), len(gguf_format.tensor_sizes(new))
         res.changed_names = sorted(changed)
         if res.changed_tensor_bytes:
             res.ratio = round(res.adapterctl_bytes_sent / res.changed_tensor_bytes, 3)

@@ -110,11 +110,11 @@ def assert_one_line_error(proc, *needles: str) -> None:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
 
 
-def tree_digest(root: Path) -> str:
-    """sha256 over every path, link target, mode and file content under root."""
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over every path, link target, mode and file content under root (except dirs named in `skip`)."""
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for name in sorted(dirnames + filenames):
             p = Path(dirpath) / name
             st = p.lstat()

@@ -317,7 +317,7 @@ def test_unknown_quant_type_is_one_line_before_any_transfer(ws):
 
 def test_new_cycle_of_a_merged_gguf_goes_as_a_delta(ws):
     """Only the tensors the LoRA touches change between cycles: rsync sends little more than them."""
-    from adapterctl.convert.gguf import changed_tensor_bytes
+    from adapterctl.formats.gguf import changed_tensor_bytes
 
     deploy(ws, 1, "linux-1")
     v1 = ws.vid(1, MODEL)

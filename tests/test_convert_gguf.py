@@ -28,6 +28,7 @@ from adapterctl import tinymodel  # noqa: E402
 from adapterctl.convert import Cache, ConversionError, ConvertSpec, Job, base_digest  # noqa: E402
 from adapterctl.convert import gguf as convert_gguf  # noqa: E402
 from adapterctl.endpoint_ops import sha256_file  # noqa: E402
+from adapterctl.formats import gguf as gguf_format  # noqa: E402
 
 pytestmark = pytest.mark.heavy
 
@@ -321,83 +322,16 @@ def test_importing_the_builders_imports_no_heavy_package():
     assert proc.stdout.strip() == "[]"
 
 
-# -- changed_tensor_bytes: what a new cycle's merged GGUF really changes ----------------------------
-
-
-@pytest.fixture(scope="module")
-def gguf_py(tools):
-    """The tools' own gguf-py package (writer, reader, GGML_QUANT_SIZES)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(tools / "gguf-py"))
-        import gguf
-    return gguf
-
-
-def _write_gguf(gguf_py, path: Path, tensors: dict[str, Any], alignment: int | None = None) -> Path:
-    import numpy as np
-
-    writer = gguf_py.GGUFWriter(str(path), "llama")
-    if alignment:
-        writer.add_custom_alignment(alignment)
-    writer.add_array("tokenizer.ggml.tokens", ["a", "bb", "ccc"])  # arrays and strings are skipped
-    for name, value in tensors.items():
-        writer.add_tensor(name, np.asarray(value))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-def test_ggml_type_sizes_agree_with_gguf_py(gguf_py):
-    theirs = {int(t): sizes for t, sizes in gguf_py.GGML_QUANT_SIZES.items()}
-    assert {t: theirs.get(t) for t in convert_gguf.GGML_TYPE_SIZES} == convert_gguf.GGML_TYPE_SIZES
+# -- adapterctl.formats.gguf on real GGUFs (its unit tests are in test_formats.py) ------------------
 
 
 def test_tensor_sizes_are_where_gguf_py_reads_the_data(base_ggufs, merged_q4, read):
     for path in (base_ggufs["f16"], base_ggufs["Q4_K_M"], merged_q4.out / "model.gguf"):
         expected = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in read(str(path)).tensors}
-        assert convert_gguf.tensor_sizes(path) == expected
-
-
-def test_changed_tensor_bytes_counts_changed_new_and_reshaped_tensors_fully(gguf_py, tmp_path):
-    import numpy as np
-
-    same = np.arange(1000, dtype=np.float32)
-    edited = np.arange(300, dtype=np.float16)
-    tensors = {"same": same, "edited": edited, "reshaped": np.zeros((4, 8), np.float32)}
-    old = _write_gguf(gguf_py, tmp_path / "old.gguf", tensors, alignment=64)
-    edited2 = edited.copy()
-    edited2[-1] += 1  # one element, at the end of the tensor
-    new = _write_gguf(
-        gguf_py,
-        tmp_path / "new.gguf",
-        {
-            "added": np.ones(10, np.float32),  # only in new; shifts every other tensor's offset
-            "same": same,
-            "edited": edited2,
-            "reshaped": np.zeros((8, 4), np.float32),
-        },
-    )
-    assert convert_gguf.changed_tensors(old, new) == {"added": 40, "edited": 600, "reshaped": 128}
-    assert convert_gguf.changed_tensor_bytes(old, new) == 40 + 600 + 128
-    assert convert_gguf.changed_tensor_bytes(new, old) == 600 + 128  # a tensor only in `old` is not sent
-    assert convert_gguf.changed_tensor_bytes(new, new) == 0
-    sizes = convert_gguf.tensor_sizes(old)
-    assert sizes["same"][1] == 4000 and all(offset % 64 == 0 for offset, _ in sizes.values())
+        assert gguf_format.tensor_sizes(path) == expected
 
 
 def test_changed_tensor_bytes_of_a_merged_gguf_is_the_lora_tensors(merged_q4, base_ggufs, read):
     model = merged_q4.out / "model.gguf"
     lora_bytes = sum(int(t.n_bytes) for t in read(str(model)).tensors if t.name in LORA_TENSORS)
-    assert convert_gguf.changed_tensor_bytes(base_ggufs["Q4_K_M"], model) == lora_bytes > 0
-
-
-def test_tensor_sizes_refuses_a_file_that_is_not_gguf(tmp_path):
-    path = tmp_path / "model.gguf"
-    path.write_bytes(b"GGUF\x03\x00\x00\x00\x05")  # a header cut short
-    with pytest.raises(ValueError, match="truncated GGUF header"):
-        convert_gguf.tensor_sizes(path)
-    path.write_bytes(b"PK\x03\x04" + bytes(20))
-    with pytest.raises(ValueError, match="not a GGUF file"):
-        convert_gguf.changed_tensor_bytes(path, path)
+    assert gguf_format.changed_tensor_bytes(base_ggufs["Q4_K_M"], model) == lora_bytes > 0

@@ -23,8 +23,8 @@ from safetensors.numpy import load_file, save_file
 from adapterctl import demo, tinymodel
 from adapterctl.convert import ConversionError, ConvertSpec, FidelityFailed, FidelitySpec, Job, fidelity
 from adapterctl.convert.mlx import build_adapter, build_fused
+from adapterctl.formats.safetensors import SafetensorsFile
 from adapterctl.health import resolve_suite
-from adapterctl.mlxformat import read_safetensors
 
 pytestmark = pytest.mark.heavy
 pytest.importorskip("torch")
@@ -309,8 +309,8 @@ def bf16_sharded_base(model, tmp_path_factory) -> Path:
 
 
 def _raw(path: Path) -> dict[str, tuple[str, bytes]]:
-    header, _, data = read_safetensors(path)
-    return {k: (v["dtype"], data[v["data_offsets"][0] : v["data_offsets"][1]]) for k, v in header.items()}
+    f = SafetensorsFile(path)
+    return {name: (spec.dtype, bytes(f.raw(name))) for name, spec in f.tensors.items()}
 
 
 def test_fused_bf16_sharded_base_is_bit_exact_and_token_identical(

@@ -227,24 +227,25 @@ def test_lock_acquire_is_exclusive(adapter_dir):
     assert first["acquired"] is True
     second = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"))
     assert second["acquired"] is False
-    assert second["holder"]["deployment_id"] == "dep-1"
+    assert second["lock"]["state"] == "held" and second["lock"]["holder"]["deployment_id"] == "dep-1"
     assert not ok("lock_release", adapter_dir=str(adapter_dir), deployment_id="dep-2")
     assert json.loads((adapter_dir / ".adapterctl.lock").read_text())["deployment_id"] == "dep-1"
     assert ok("lock_release", adapter_dir=str(adapter_dir), deployment_id="dep-1")
     assert ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"))["acquired"] is True
 
 
-def test_lock_acquire_with_break_id_breaks_only_that_exact_holder(adapter_dir):
+def test_lock_acquire_with_break_sha_breaks_only_that_exact_lock(adapter_dir):
     lock = adapter_dir / ".adapterctl.lock"
     ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-stale"))
-    wrong = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"), break_id="dep-other")
+    stale = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-x"))["lock"]["raw_sha"]
+    wrong = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"), break_sha="0" * 64)
     assert wrong["acquired"] is False
     assert json.loads(lock.read_text())["deployment_id"] == "dep-stale"
-    broke = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"), break_id="dep-stale")
-    assert broke["acquired"] is True and broke["broken"]["deployment_id"] == "dep-stale"
+    broke = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-2"), break_sha=stale)
+    assert broke["acquired"] is True and broke["broken"]["holder"]["deployment_id"] == "dep-stale"
     # a second breaker that also saw dep-stale must not win over dep-2
-    late = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-3"), break_id="dep-stale")
-    assert late["acquired"] is False and late["holder"]["deployment_id"] == "dep-2"
+    late = ok("lock_acquire", adapter_dir=str(adapter_dir), holder=holder("dep-3"), break_sha=stale)
+    assert late["acquired"] is False and late["lock"]["holder"]["deployment_id"] == "dep-2"
     assert json.loads(lock.read_text())["deployment_id"] == "dep-2"
 
 

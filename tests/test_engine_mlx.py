@@ -19,9 +19,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from adapterctl.errors import ConfigError
+from adapterctl.formats.safetensors import SafetensorsFile, write
 from adapterctl.health import HealthTarget, resolve_suite, run_suite
 from adapterctl.health.engine_mlx import MlxEngine, make
-from adapterctl.mlxformat import MLX_CONFIG, MLX_WEIGHTS, peft_to_mlx, read_safetensors, write_safetensors
+from adapterctl.mlxformat import MLX_CONFIG, MLX_WEIGHTS, peft_to_mlx
 from adapterctl.transports.local import LocalTransport
 
 HIDDEN, FFN, R = 16, 24, 4
@@ -87,20 +88,19 @@ def test_bf16_tensors_are_transposed_bit_for_bit(tmp_path):
         for ab, shape in (("A", (R, fan_in)), ("B", (fan_out, R))):
             raw[_peft_key(0, module, ab)] = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
     (tmp_path / "peft").mkdir()
-    write_safetensors(
+    write(
         tmp_path / "peft" / "adapter_model.safetensors",
         {k: ("BF16", v.shape, v.astype("<u2").tobytes()) for k, v in raw.items()},
         {},
     )
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 8}))
     assert peft_to_mlx(tmp_path / "peft", tmp_path / "mlx", 1)["dtype"] == "BF16"
-    header, _, data = read_safetensors(tmp_path / "mlx" / MLX_WEIGHTS)
+    out = SafetensorsFile(tmp_path / "mlx" / MLX_WEIGHTS)
     for module in ("self_attn.q_proj", "self_attn.v_proj"):
         for ab, leaf in (("A", "lora_a"), ("B", "lora_b")):
-            entry = header[f"model.layers.0.{module}.{leaf}"]
-            assert entry["dtype"] == "BF16"
-            begin, end = entry["data_offsets"]
-            got = np.frombuffer(data[begin:end], dtype="<u2").reshape(entry["shape"])
+            name = f"model.layers.0.{module}.{leaf}"
+            assert out.tensors[name].dtype == "BF16"
+            got = np.frombuffer(out.raw(name), dtype="<u2").reshape(out.tensors[name].shape)
             np.testing.assert_array_equal(got, raw[_peft_key(0, module, ab)].T)
 
 

@@ -341,3 +341,29 @@ def test_issue_acceptance_cases_for_accents_case_and_words():
     assert match(Expectation(any_of=("expiaci",)), nfd)[0]
     assert not match(Expectation(all_of=("fe",), word=True), "un trabajo perfecto")[0]
     assert match(Expectation(all_of=("fe",), word=True), "por medio de la fe")[0]
+
+
+def test_health_modules_import_one_way_with_no_cycle():
+    """engines → engine_mlx/engine_llamacpp → command → base: no module imports one above it."""
+    import ast
+
+    import adapterctl.health
+
+    pkg = Path(adapterctl.health.__file__).parent
+    imports = {}
+    for path in pkg.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adapterctl.health."):
+                found.add(node.module.rsplit(".", 1)[-1])
+        imports[path.stem] = found - {path.stem}
+    for module in imports:  # depth-first from each module: reaching it again is a cycle
+        seen, todo = set(), list(imports[module])
+        while todo:
+            name = todo.pop()
+            assert name != module, f"health.{module} imports itself through {sorted(seen)}"
+            if name not in seen:
+                seen.add(name)
+                todo.extend(imports.get(name, ()))
+    assert imports["engine_mlx"] == imports["engine_llamacpp"] == {"base", "command"}
+    assert imports["command"] == {"base"} and imports["base"] == set()

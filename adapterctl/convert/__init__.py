@@ -33,6 +33,7 @@ from typing import Any
 
 from adapterctl.endpoint_ops import atomic_write_json, fsync_dir, pid_alive, sha256_file
 from adapterctl.errors import AdapterctlError, ConfigError, HealthCheckFailed, UsageError
+from adapterctl.formats.safetensors import read_header
 
 CONVERTER_VERSION = "1"  # bump when any builder's output changes for the same inputs
 ARTIFACT_FILE = "ARTIFACT.json"
@@ -343,12 +344,7 @@ def _base_digest(base_dir: Path, cache_file: Path, persist: bool) -> str:
 
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100 * 1024 * 1024:
-            raise ValueError(f"{path.name}: not a safetensors file")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return {name: list(spec.shape) for name, spec in read_header(path)[0].items()}
 
 
 def base_shapes(base_dir: Path) -> dict[str, list[int]]:

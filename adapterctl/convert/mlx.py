@@ -7,19 +7,17 @@
              mlx_lm.load(release) and no adapter (what `mlx_lm.fuse` makes, without its de-quantize
              and upload options)
 
-Both need only numpy and json: safetensors files are read through mmap and written byte for byte,
-so every tensor the LoRA does not touch keeps its dtype and bits (BF16 included, which numpy cannot
-represent), and the training box needs neither mlx nor torch to build them.
+Both need only numpy and the safetensors library: safetensors files are read through mmap and
+written byte for byte (adapterctl.formats.safetensors), so every tensor the LoRA does not touch keeps
+its dtype and bits (BF16 included, which numpy cannot represent), and the training box needs
+neither mlx nor torch to build them. The PEFT config is read by adapterctl.formats.peft.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import re
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,26 +25,16 @@ from typing import Any
 
 from adapterctl import mlxformat
 from adapterctl.convert import CONVERTER_VERSION, ConversionError, Job
+from adapterctl.formats import peft
+from adapterctl.formats import safetensors as st
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # files of a Hugging Face model directory that are weights (never copied as they are); everything
 # else at the top level (config, tokenizer, generation config, chat template, license) is.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 _WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json")
-_FLOATS = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>[\w.]+?)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
-# PEFT config keys a plain W + scale·B·A merge cannot express (the value is what the message says)
-_UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora: true)",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
-    "lora_bias": "LoRA biases (lora_bias: true)",
-    "modules_to_save": "modules_to_save",
-    "layer_replication": "layer_replication",
-    "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable_token_indices",
-}
 
 
 def _converter(name: str) -> dict[str, str]:
@@ -105,104 +93,22 @@ def build_adapter(job: Job, out: Path, progress: Callable[[str], None]) -> dict[
 # -- fused --------------------------------------------------------------------------------------
 
 
-class _Safetensors:
-    """A safetensors file opened through mmap: header entries and zero-copy tensor bytes."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as fh:
-            size = path.stat().st_size
-            self.map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        if size < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", self.map[:8])
-        if n > min(100 << 20, size - 8):
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(bytes(self.map[8 : 8 + n]).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ValueError(f"{path}: safetensors header is not JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{path}: safetensors header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.header: dict[str, dict[str, Any]] = header
-        self.start = 8 + n
-        for name, entry in header.items():
-            try:
-                begin, end = entry["data_offsets"]
-                ok = 0 <= begin <= end <= size - self.start
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"{path}: tensor {name}: malformed header entry {entry!r}")
-
-    def raw(self, name: str) -> memoryview:
-        begin, end = self.header[name]["data_offsets"]
-        return memoryview(self.map)[self.start + begin : self.start + end]
-
-    def float32(self, name: str):
-        """The tensor as a float32 numpy array (F32, F16, BF16)."""
-        import numpy as np
-
-        entry = self.header[name]
-        dtype = entry["dtype"]
-        if dtype not in _FLOATS:
-            raise ValueError(f"{self.path}: tensor {name} is {dtype}, not F32/F16/BF16")
-        array = np.frombuffer(self.raw(name), dtype=_FLOATS[dtype])
-        if math.prod(entry["shape"]) != array.size:
-            raise ValueError(f"{self.path}: tensor {name}: shape {entry['shape']} does not fit its data")
-        if dtype == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
-        return array.astype(np.float32, copy=False).reshape(entry["shape"])
-
-
-def _to_dtype(array, dtype: str) -> bytes:
-    """float32 array → raw little-endian bytes of `dtype`; BF16 rounds to nearest even, as torch does."""
-    import numpy as np
-
-    if dtype == "F32":
-        return np.ascontiguousarray(array, "<f4").tobytes()
-    if dtype == "F16":
-        return np.ascontiguousarray(array.astype("<f2")).tobytes()
-    bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    rounded[np.isnan(array)] = 0x7FC0  # rounding could carry a NaN's payload into the exponent
-    return rounded.astype("<u2").tobytes()
-
-
-def _pattern_value(pattern: dict, key: str, default):
-    """PEFT's rank_pattern/alpha_pattern lookup (peft.utils.other.get_pattern_key): the first
-    pattern that matches the end of the module's name, else the default."""
-    for pat, value in pattern.items():
-        if re.match(rf"(.*\.)?({pat})$", key):
-            return value
-    return default
-
-
 def _fail(job: Job, what: str, fix: str = "deploy it as format: peft, or merge it with PEFT yourself"):
     return ConversionError(f"model {job.model} {job.version}: no fused MLX model: {what}", fix)
 
 
-def _lora_updates(job: Job) -> tuple[dict[str, dict[str, Any]], _Safetensors, dict[str, Any]]:
+def _lora_updates(job: Job) -> tuple[dict[str, dict[str, Any]], st.SafetensorsFile, peft.LoraConfig]:
     """{module: {A, B, r, alpha, scale}} from the PEFT adapter, refusing what a merge cannot express."""
     try:
-        cfg = json.loads((job.source_dir / PEFT_CONFIG).read_text(encoding="utf-8"))
-        lora = _Safetensors(job.source_dir / PEFT_WEIGHTS)
+        cfg = peft.load(job.source_dir)
+        lora = st.SafetensorsFile(job.source_dir / PEFT_WEIGHTS)
     except (OSError, ValueError) as exc:
         raise _fail(job, f"cannot read the PEFT adapter: {exc}", "re-register the adapter") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise _fail(job, f"peft_type {cfg.get('peft_type') if isinstance(cfg, dict) else cfg!r} is not LORA")
-    for key, what in _UNSUPPORTED.items():
-        if cfg.get(key):
-            raise _fail(job, f"{what} is not supported")
-    if cfg.get("bias", "none") != "none":
-        raise _fail(job, f"bias {cfg['bias']!r} is not supported (only 'none')")
-    r0, alpha0 = cfg.get("r"), cfg.get("lora_alpha")
-    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise _fail(job, "rank_pattern/alpha_pattern must be mappings")
+    blockers = cfg.merge_blockers()
+    if blockers:
+        raise _fail(job, f"{blockers[0]} is not supported")
     pairs: dict[str, dict[str, str]] = {}
-    for name in sorted(lora.header):
+    for name in sorted(lora.tensors):
         m = _LORA_KEY.match(name)
         if m is None:
             raise _fail(job, f"tensor {name} is not a linear layer's lora_A/lora_B (embedding LoRA? DoRA?)")
@@ -213,17 +119,15 @@ def _lora_updates(job: Job) -> tuple[dict[str, dict[str, Any]], _Safetensors, di
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise _fail(job, f"{module} has no {'lora_B' if 'A' in ab else 'lora_A'}")
-        a_shape, b_shape = lora.header[ab["A"]]["shape"], lora.header[ab["B"]]["shape"]
+        a_shape, b_shape = lora.tensors[ab["A"]].shape, lora.tensors[ab["B"]].shape
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise _fail(job, f"{module}: lora_A {a_shape} and lora_B {b_shape} are not (r, in) and (out, r)")
-        r = _pattern_value(rank_pattern, module, r0)
-        alpha = _pattern_value(alpha_pattern, module, alpha0)
-        if isinstance(r, bool) or not isinstance(r, int) or r != a_shape[0]:
+            shapes = f"lora_A {list(a_shape)} and lora_B {list(b_shape)}"
+            raise _fail(job, f"{module}: {shapes} are not (r, in) and (out, r)")
+        r = cfg.rank(module)
+        if r != a_shape[0]:
             raise _fail(job, f"{module}: rank {a_shape[0]} in the tensors, r={r!r} in the config")
-        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
-            raise _fail(job, f"{module}: lora_alpha must be a number, not {alpha!r}")
-        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        updates[module] = {"A": ab["A"], "B": ab["B"], "r": r, "alpha": alpha, "scale": float(scale)}
+        scale = cfg.scale(module)
+        updates[module] = {"A": ab["A"], "B": ab["B"], "r": r, "alpha": cfg.alpha(module), "scale": scale}
     return updates, lora, cfg
 
 
@@ -275,36 +179,36 @@ def build_fused(job: Job, out: Path, progress: Callable[[str], None]) -> dict[st
     merged_bytes = 0
     for shard in shards:
         try:
-            src = _Safetensors(shard)
+            src = st.SafetensorsFile(shard)
         except (OSError, ValueError) as exc:
             raise _fail(job, f"cannot read base weights {shard}: {exc}", "check base_dir") from None
         tensors: dict[str, tuple[str, tuple[int, ...], Any]] = {}
-        for name, entry in src.header.items():
-            tensors[name] = (entry["dtype"], tuple(entry["shape"]), src.raw(name))
+        for name, entry in src.tensors.items():
+            tensors[name] = (entry.dtype, entry.shape, src.raw(name))
             module = name.removesuffix(".weight")
             update = pending.pop(module, None) if name.endswith(".weight") else None
             if update is None:
                 continue
-            dtype, shape = entry["dtype"], entry["shape"]
-            a_shape, b_shape = lora.header[update["A"]]["shape"], lora.header[update["B"]]["shape"]
-            if dtype not in _FLOATS:
+            dtype, shape = entry.dtype, entry.shape
+            a_shape, b_shape = lora.tensors[update["A"]].shape, lora.tensors[update["B"]].shape
+            if dtype not in st.FLOAT_DTYPES:
                 raise _fail(job, f"base weight {name} is {dtype}, not F32/F16/BF16", "check base_dir")
             if len(shape) != 2 or [b_shape[0], a_shape[1]] != list(shape):
                 raise _fail(
                     job,
-                    f"{module} is {shape} in the base, the LoRA expects {[b_shape[0], a_shape[1]]}",
+                    f"{module} is {list(shape)} in the base, the LoRA expects {[b_shape[0], a_shape[1]]}",
                     "set base_dir to the model the adapter was trained on",
                 )
             try:
                 delta = update["scale"] * (lora.float32(update["B"]) @ lora.float32(update["A"]))
-                blob = _to_dtype(src.float32(name) + delta, dtype)
+                blob = st.encode(src.float32(name) + delta, dtype)
             except ValueError as exc:
                 raise _fail(job, str(exc)) from None
             tensors[name] = (dtype, tuple(shape), blob)
             dtypes[dtype] = dtypes.get(dtype, 0) + 1
             merged_bytes += len(blob)
             del delta
-        mlxformat.write_safetensors(out / shard.name, tensors, src.metadata)
+        st.write(out / shard.name, tensors, src.metadata)
         del tensors
     if pending:
         missing = sorted(pending)
@@ -337,8 +241,8 @@ def build_fused(job: Job, out: Path, progress: Callable[[str], None]) -> dict[st
             "fused_modules": len(updates),
             "ranks": ranks,
             "scales": scales,
-            "use_rslora": bool(cfg.get("use_rslora")),
-            "patterns": bool(cfg.get("rank_pattern") or cfg.get("alpha_pattern")),
+            "use_rslora": cfg.use_rslora,
+            "patterns": bool(cfg.rank_pattern or cfg.alpha_pattern),
             "base_dtypes": dtypes,
             "shards": [s.name for s in shards],
             "copied": [n for n in copied if not n.endswith(".safetensors")],

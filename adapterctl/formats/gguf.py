@@ -39,12 +39,12 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
         reader = GGUFReader(str(path))
     except (ValueError, IndexError, KeyError, OverflowError) as exc:  # gguf-py's errors for bad bytes
         raise ValueError(f"{path}: not a GGUF file, or a damaged or truncated one (gguf-py: {exc})") from None
-    infos = {
-        t.name: TensorInfo(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+    return {
+        t.name: TensorInfo(
+            t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes)
+        )
         for t in reader.tensors
     }
-    del reader  # unmaps the file
-    return infos
 
 
 def tensor_sizes(path: Path) -> dict[str, tuple[int, int]]:

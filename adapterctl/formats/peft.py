@@ -129,7 +129,9 @@ def load(path: Path | str, *, strict: bool = False) -> LoraConfig:
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PeftConfigError(cfg_path, "missing", "a PEFT adapter directory needs adapter_config.json") from None
+        raise PeftConfigError(
+            cfg_path, "missing", "a PEFT adapter directory needs adapter_config.json"
+        ) from None
     except OSError as exc:
         raise PeftConfigError(cfg_path, f"cannot read: {exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -159,7 +161,9 @@ def load(path: Path | str, *, strict: bool = False) -> LoraConfig:
     patterns = {}
     for key, check, kind in (("rank_pattern", _positive_int, "ranks"), ("alpha_pattern", _number, "alphas")):
         pattern = cfg.get(key) or {}
-        if not isinstance(pattern, dict) or not all(isinstance(k, str) and check(v) for k, v in pattern.items()):
+        if not isinstance(pattern, dict) or not all(
+            isinstance(k, str) and check(v) for k, v in pattern.items()
+        ):
             raise bad(f"'{key}' must map module names to {kind}, got {pattern!r}")
         patterns[key] = MappingProxyType(pattern)
     modules_to_save = cfg.get("modules_to_save")

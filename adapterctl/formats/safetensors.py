@@ -93,6 +93,23 @@ class SafetensorsFile:
         return {name: self.float32(name) for name in self.tensors}
 
 
+def encode(array, dtype: str) -> bytes:
+    """float32 array → raw little-endian bytes of `dtype` (F32, F16, BF16); BF16 rounds to nearest
+    even, as torch does."""
+    import numpy as np
+
+    if dtype == "F32":
+        return np.ascontiguousarray(array, "<f4").tobytes()
+    if dtype == "F16":
+        return np.ascontiguousarray(array.astype("<f2")).tobytes()
+    if dtype != "BF16":
+        raise ValueError(f"cannot encode {dtype} (only F32, F16, BF16)")
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    rounded[np.isnan(array)] = 0x7FC0  # rounding could carry a NaN's payload into the exponent
+    return rounded.astype("<u2").tobytes()
+
+
 def write(path: Path, tensors: Mapping[str, tuple[str, tuple[int, ...], Any]], metadata: Mapping) -> None:
     """Write {name: (dtype, shape, raw little-endian bytes)} atomically (temp file + rename).
 

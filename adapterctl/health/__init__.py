@@ -1,6 +1,8 @@
 """Health checks: run a suite of inputs through an engine on the release under test (DESIGN §6)."""
 
-from adapterctl.health.engines import CommandEngine, HealthEngine, HealthTarget, make_engine
+from adapterctl.health.base import HealthEngine, HealthTarget
+from adapterctl.health.command import CommandEngine
+from adapterctl.health.engines import make_engine
 from adapterctl.health.runner import CaseResult, HealthResult, format_failures, run_suite
 from adapterctl.health.suite import (
     BUILTIN_SUITES,

@@ -38,7 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from adapterctl.errors import ConfigError
-from adapterctl.health.engines import ModelProcessEngine, _check_template
+from adapterctl.health.base import check_template
+from adapterctl.health.command import ModelProcessEngine
 
 MODULE = "adapterctl.health.engine_llamacpp"
 DEFAULT_GGUF = "{release}/model.gguf"
@@ -82,7 +83,7 @@ def _path_template(spec: Mapping, key: str, default: str | None = None) -> str |
         raise ConfigError(
             f"health {key} must be a non-empty path, not {value!r}", f"e.g. {key}: {DEFAULT_GGUF}"
         )
-    _check_template([value], what=f"health {key}")
+    check_template([value], what=f"health {key}")
     return value
 
 

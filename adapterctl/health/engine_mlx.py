@@ -38,7 +38,8 @@ import unicodedata
 from collections.abc import Mapping
 
 from adapterctl.errors import ConfigError
-from adapterctl.health.engines import ModelProcessEngine, _check_template
+from adapterctl.health.base import check_template
+from adapterctl.health.command import ModelProcessEngine
 
 MODULE = "adapterctl.health.engine_mlx"
 DEFAULT_ADAPTER = "{release}"
@@ -58,7 +59,7 @@ def _escape(text: str) -> str:
 def _path(value: object, key: str, example: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"health {key} must be a non-empty path, not {value!r}", f"e.g. {key}: {example}")
-    _check_template([value], what=f"health {key}")
+    check_template([value], what=f"health {key}")
     return value
 
 

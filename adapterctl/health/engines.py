@@ -3,6 +3,9 @@
 `command`: any program on the endpoint that reads one input line on stdin and prints one output
 line. `http`: POSTs each input to an OpenAI-compatible (or custom JSON) endpoint of the live
 service. `mlx` and `llamacpp` plug in behind the same interface.
+
+The modules import one way: engines (http, the factory) → engine_mlx / engine_llamacpp (imported
+by make_engine only, as they also run as `python -m` on the endpoint) → command → base.
 """
 
 from __future__ import annotations
@@ -10,271 +13,21 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
-import re
-import selectors
 import shlex
 import socket
-import string
-import subprocess
 import threading
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from adapterctl.errors import ConfigError, PhaseError, TransportError
-from adapterctl.transports.base import Transport
+from adapterctl.errors import ConfigError, PhaseError
+from adapterctl.health.base import HealthEngine, HealthTarget, check_template
+from adapterctl.health.command import CommandEngine
 
 ENGINES = ("command", "mlx", "llamacpp", "http")
-PLACEHOLDERS = ("release", "model", "version", "endpoint", "adapter_dir")
 HTTP_PLACEHOLDERS = ("endpoint", "model", "version")
 HTTP_MODES = ("openai", "json")
 OPENAI_RESPONSE_PATH = "choices.0.message.content"
 INPUT_PLACEHOLDER = "{input}"
-
-_STDERR_KEEP = 8192  # bytes of stderr kept for error messages
-_STDERR_LINES = 5
-_MAX_LINE = 1 << 20  # an output line longer than this means the program is not line-oriented
-_CLOSE_GRACE_S = 1.0
-
-
-@dataclass(frozen=True)
-class HealthTarget:
-    """The release a health check exercises; paths are on the endpoint."""
-
-    endpoint: str
-    model: str
-    version_id: str
-    release_path: str  # releases/<version_id> or the `active` link
-    adapter_dir: str
-    base_model: str | None
-    transport: Transport = field(compare=False, repr=False)
-
-
-class HealthEngine(ABC):
-    """Produces outputs for one target between start() and close(). Use as a context manager."""
-
-    name = "engine"
-
-    @abstractmethod
-    def start(self, target: HealthTarget) -> None:
-        """Load the model for `target`. Raises PhaseError when it cannot."""
-
-    @abstractmethod
-    def generate(self, prompt: str) -> str:
-        """Return the output for `prompt`. Raises PhaseError when the engine fails."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release everything start() acquired; safe to call twice, never raises."""
-
-    @abstractmethod
-    def describe(self) -> str:
-        """One line for the dry-run plan."""
-
-    def __enter__(self) -> HealthEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _show(argv: Sequence[str]) -> str:
-    # Like shlex.join, but leaves {placeholders} readable.
-    return " ".join(a if a and not re.search(r"[\s'\"\\]", a) else shlex.quote(a) for a in argv)
-
-
-def _check_template(
-    argv: Sequence[str], allowed: Sequence[str] = PLACEHOLDERS, what: str = "health command argument"
-) -> None:
-    for arg in argv:
-        try:
-            names = [f for _, f, _, _ in string.Formatter().parse(arg) if f is not None]
-        except ValueError as exc:
-            raise ConfigError(f"{what} {arg!r}: {exc}", "write literal braces as {{ and }}") from None
-        for name in names:
-            if name not in allowed:
-                raise ConfigError(
-                    f"{what} {arg!r}: unknown placeholder {{{name}}}",
-                    f"valid placeholders: {', '.join('{' + p + '}' for p in allowed)}",
-                )
-
-
-class CommandEngine(HealthEngine):
-    """Runs `argv` once on the endpoint and talks to it one line in, one line out."""
-
-    name = "command"
-
-    def __init__(self, argv: Sequence[str], timeout_s: float = 30.0, env: Mapping[str, str] | None = None):
-        """Raises ConfigError for an empty command, an unknown placeholder or a bad timeout."""
-        if isinstance(argv, str) or not argv or not all(isinstance(a, str) for a in argv):
-            raise ConfigError(
-                "health command must be a non-empty list of strings",
-                'e.g. command: [python3, translate.py, "{release}"]',
-            )
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
-            raise ConfigError(f"health timeout_s must be a positive number of seconds, not {timeout_s!r}")
-        _check_template(argv)
-        self.argv_template = tuple(argv)
-        self.timeout_s = float(timeout_s)
-        self.env = dict(env or {})
-        self._proc: subprocess.Popen | None = None
-        self._target: HealthTarget | None = None
-        self._argv: tuple[str, ...] = ()
-        self._sel: selectors.BaseSelector | None = None
-        self._out = bytearray()
-        self._out_eof = False
-        self._err = bytearray()
-        self._failed: PhaseError | None = None
-
-    def describe(self) -> str:
-        return f"command: {_show(self.argv_template)}"
-
-    def start(self, target: HealthTarget) -> None:
-        """Spawn the program through target.transport. Raises PhaseError if it cannot start."""
-        if self._proc is not None:
-            raise RuntimeError("CommandEngine.start() called twice")
-        values = {
-            "release": target.release_path,
-            "model": target.model,
-            "version": target.version_id,
-            "endpoint": target.endpoint,
-            "adapter_dir": target.adapter_dir,
-        }
-        self._target = target
-        self._argv = tuple(a.format_map(values) for a in self.argv_template)
-        env = {
-            **self.env,
-            "ADAPTERCTL_RELEASE": target.release_path,
-            "ADAPTERCTL_MODEL": target.model,
-            "ADAPTERCTL_VERSION": target.version_id,
-        }
-        try:
-            proc = target.transport.spawn(self._argv, env=env)
-        except TransportError as exc:
-            raise PhaseError(
-                f"{self._where()}: cannot start health command {shlex.join(self._argv)}: {exc.message}",
-                exc.hint or "check that the command exists on the endpoint",
-            ) from exc
-        self._proc = proc
-        self._sel = selectors.DefaultSelector()
-        # Non-blocking pipes + one selector: a stalled program can never block us past the timeout.
-        for stream, tag in ((proc.stdout, "out"), (proc.stderr, "err")):
-            os.set_blocking(stream.fileno(), False)
-            self._sel.register(stream.fileno(), selectors.EVENT_READ, tag)
-        os.set_blocking(proc.stdin.fileno(), False)
-
-    def generate(self, prompt: str) -> str:
-        """Send `prompt` as one line and return the next output line (without its newline).
-
-        Raises PhaseError (and kills the program) if it exits, exceeds timeout_s or writes
-        non-UTF-8; every later call raises the same error.
-        """
-        if self._failed is not None:
-            raise self._failed
-        if self._proc is None or self._sel is None:
-            raise RuntimeError("CommandEngine.generate() called before start()")
-        pending = (re.sub(r"\r\n|[\r\n]", " ", prompt) + "\n").encode("utf-8")
-        stdin_fd = self._proc.stdin.fileno()
-        self._sel.register(stdin_fd, selectors.EVENT_WRITE, "in")
-        writing = True
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            while writing or b"\n" not in self._out:
-                if self._out_eof and b"\n" not in self._out:
-                    raise self._fail("exited before answering", grace_s=_CLOSE_GRACE_S)
-                if len(self._out) > _MAX_LINE:
-                    raise self._fail(f"wrote more than {_MAX_LINE} bytes without a newline")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._fail(f"gave no output line within {self.timeout_s:g} s (killed)")
-                for key, _ in self._sel.select(remaining):
-                    if key.data != "in":
-                        self._read(key)
-                        continue
-                    try:
-                        pending = pending[os.write(stdin_fd, pending) :]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        pending = b""  # it closed stdin; its exit shows up as EOF on stdout
-                    if not pending:
-                        self._sel.unregister(stdin_fd)
-                        writing = False
-        finally:
-            if self._sel is not None and stdin_fd in self._sel.get_map():
-                self._sel.unregister(stdin_fd)
-        raw, _, rest = self._out.partition(b"\n")
-        self._out = bytearray(rest)
-        try:
-            return raw.decode("utf-8").removesuffix("\r")
-        except UnicodeDecodeError:
-            raise self._fail("wrote non-UTF-8 output") from None
-
-    def close(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        with contextlib.suppress(OSError):
-            proc.stdin.close()  # EOF tells a well-behaved program to exit
-        _reap(proc, _CLOSE_GRACE_S)
-        if self._sel is not None:
-            self._sel.close()
-            self._sel = None
-        for stream in (proc.stdout, proc.stderr):
-            stream.close()
-
-    # -- internals ------------------------------------------------------------------------------
-    def _where(self) -> str:
-        t = self._target
-        return f"endpoint {t.endpoint}: model {t.model}" if t else "health command"
-
-    def _read(self, key: selectors.SelectorKey) -> None:
-        try:
-            chunk = os.read(key.fd, 65536)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self._sel.unregister(key.fd)
-            if key.data == "out":
-                self._out_eof = True
-        elif key.data == "out":
-            self._out += chunk
-        else:
-            self._err += chunk
-            del self._err[:-_STDERR_KEEP]
-
-    def _fail(self, what: str, grace_s: float = 0.0) -> PhaseError:
-        """Stop the program, collect its exit code and stderr tail, and remember the error."""
-        _reap(self._proc, grace_s)
-        if self._proc.stdin.fileno() in self._sel.get_map():
-            self._sel.unregister(self._proc.stdin.fileno())
-        deadline = time.monotonic() + 0.5  # the stderr of a dead program ends almost at once
-        while self._sel.get_map() and (remaining := deadline - time.monotonic()) > 0:
-            for key, _ in self._sel.select(remaining):
-                self._read(key)
-        lines = self._err.decode("utf-8", "replace").splitlines()[-_STDERR_LINES:]
-        stderr = f"stderr: {' | '.join(lines)}" if lines else "no stderr output"
-        self._failed = PhaseError(
-            f"{self._where()}: health command {shlex.join(self._argv)} {what} "
-            f"(exit code {self._proc.returncode}); {stderr}",
-            "run the command by hand on the endpoint with one input line to see what it does",
-        )
-        return self._failed
-
-
-def _reap(proc: subprocess.Popen, grace_s: float) -> None:
-    """Wait up to grace_s for `proc` to exit, then kill it; always collects its exit status."""
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        # An unkillable process (uninterruptible I/O) is left behind rather than hanging us.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5.0)
-
 
 _BODY_KEEP = 200  # characters of a response body quoted in an error
 _MAX_BODY = 8 << 20  # a health answer larger than this is not an answer
@@ -349,7 +102,7 @@ class HttpEngine(HealthEngine):
             raise ConfigError(
                 "health engine 'http' needs a `url:`", "e.g. url: http://127.0.0.1:8080/v1/chat/completions"
             )
-        _check_template([url], HTTP_PLACEHOLDERS, "health url")
+        check_template([url], HTTP_PLACEHOLDERS, "health url")
         if urlsplit(url).scheme not in ("http", "https"):
             raise ConfigError(f"health url {url!r} must start with http:// or https://")
         if mode not in HTTP_MODES:
@@ -375,7 +128,7 @@ class HttpEngine(HealthEngine):
         if model is not None:
             if not isinstance(model, str) or not model:
                 raise ConfigError(f"health model must be a non-empty string, not {model!r}")
-            _check_template([model], HTTP_PLACEHOLDERS, "health model")
+            check_template([model], HTTP_PLACEHOLDERS, "health model")
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
             raise ConfigError(f"health timeout_s must be a positive number of seconds, not {timeout_s!r}")
         headers = dict(headers or {})
@@ -504,32 +257,6 @@ class HttpEngine(HealthEngine):
         if len(body) > _MAX_BODY:
             raise self._error(f"response body larger than {_MAX_BODY} bytes", body[:_BODY_KEEP], status)
         return status, body
-
-
-class ModelProcessEngine(CommandEngine):
-    """A CommandEngine whose program loads a model first: `start()` waits for it to answer an
-    empty readiness line, so loading never counts against the first sentence's latency limit.
-
-    Subclasses set `kind` (for messages) and `hint` (what to check when loading fails).
-    """
-
-    kind = "model"
-    hint: str | None = None
-
-    def start(self, target: HealthTarget) -> None:
-        """Start the program and wait until the model is loaded. Raises PhaseError naming the
-        command and its stderr (e.g. a missing model file)."""
-        super().start(target)
-        try:
-            ready = super().generate("")  # the readiness probe: answered once the model is loaded
-        except PhaseError as exc:
-            raise PhaseError(f"{exc.message} (while loading the model)", self.hint) from exc
-        if ready != "":
-            raise PhaseError(
-                f"{self._where()}: {_show(self._argv)} answered the readiness probe with {ready!r}, "
-                f"not an empty line; is it adapterctl's {self.kind} engine?",
-                self.hint,
-            )
 
 
 def spec_for_endpoint(

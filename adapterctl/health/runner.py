@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adapterctl.errors import PhaseError
-from adapterctl.health.engines import HealthEngine, HealthTarget
+from adapterctl.health.base import HealthEngine, HealthTarget
 from adapterctl.health.suite import HealthSuite, match
 
 

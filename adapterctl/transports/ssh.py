@@ -522,13 +522,14 @@ class SSHTransport(Transport):
 
     def _drop_connection(self) -> None:
         """Forget the paramiko connection (and its hops); the next call connects again."""
-        if self._agent is not None:
-            self._close_agent()
-        for client in (self._client, *reversed(self._hops)):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    client.close()
-        self._client, self._hops = None, []
+        with self._lock:
+            if self._agent is not None:
+                self._close_agent()
+            for client in (self._client, *reversed(self._hops)):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        client.close()
+            self._client, self._hops = None, []
 
     def _lost(self, doing: str, why: str) -> TransportError:
         """The error for a connection that went away while `doing` something."""
