@@ -190,8 +190,8 @@ class Executor:
             return
         name, tr = eplan.endpoint, self.ctx.transports[eplan.endpoint]
         ep = self.cfg.endpoints[name]
-        lock_step = eplan.locked_steps()[0]
-        self.faults.at(self.index.get(id(lock_step), "lock"), "before")
+        lock_key, unlock_key = (self.index.get(id(s), "?") for s in eplan.lock_steps)
+        self.faults.at(lock_key, "before")
         holder = {
             "user": self.ctx.identity.user,
             "host": self.ctx.identity.host,
@@ -216,16 +216,18 @@ class Executor:
             self.end_all(eplan, "locked" if isinstance(exc, LockHeld) else "failed", str(exc))
             return
         try:
-            self.faults.at(self.index.get(id(lock_step), "lock"), "after")
+            self.faults.at(lock_key, "after")
             self.run_locked(eplan, tr)
         except AdapterctlError as exc:  # the journal or the facts could not be read: the endpoint is gone
             self.say(name, f"FAILED: {exc}")
             self.end_all(eplan, "failed", str(exc))
         finally:
+            self.faults.at(unlock_key, "before")
             try:
                 locks.release(tr, ep, self.plan.deployment_id)
             except AdapterctlError as exc:
                 self.say(name, f"could not release the lock: {exc}")
+            self.faults.at(unlock_key, "after")
 
     def end_all(self, eplan: EndpointPlan, status: str, why: str) -> None:
         for t in eplan.transactions:

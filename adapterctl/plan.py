@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +109,17 @@ class EndpointPlan:
     facts: EndpointFacts = field(compare=False, hash=False)
     recovery: Transaction | None = None
 
+    @cached_property
+    def lock_steps(self) -> tuple[Lock, Unlock]:
+        """The lock and unlock steps, made once so the executor finds them by identity in plan.steps."""
+        return Lock(self.endpoint, None, None, adapter_dir=self.adapter_dir), Unlock(self.endpoint, None, None)
+
     def locked_steps(self) -> list[Step]:
         if not self.transactions and self.recovery is None:
             return []
-        ep = self.facts
         body = [s for t in ((self.recovery,) if self.recovery else ()) + self.transactions for s in t.steps]
-        return [Lock(ep.name, None, None, adapter_dir=self.adapter_dir), *body, Unlock(ep.name, None, None)]
+        lock, unlock = self.lock_steps
+        return [lock, *body, unlock]
 
     @property
     def adapter_dir(self) -> str:

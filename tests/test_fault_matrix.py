@@ -98,7 +98,10 @@ def _deploy_matrix(ws, endpoint: str, loaded: Path | None, title: str) -> None:
         again = ws.cli(*argv(cycle))
         assert again.returncode == 0, f"rerun after kill at {point}: exit {again.returncode}\n{again.stderr}"
         version = json.loads((ws.store / "manifest.json").read_text())["versions"][MODEL][-1]["version_id"]
-        _converged(ws, endpoint, version, loaded)
+        try:
+            _converged(ws, endpoint, version, loaded)
+        except AssertionError as exc:
+            raise AssertionError(f"after kill at {point} and rerun: {exc}\n{again.stderr}") from None
         index = int(point.split(":")[0])
         rows.append((point, steps[index], "yes"))
         cycle += 1
@@ -115,11 +118,16 @@ def _rollback_matrix(ws, endpoint: str, loaded: Path | None, title: str) -> None
         want = os.readlink(adir / MODEL / "previous").rsplit("/", 1)[-1]
         killed = _run_killed(ws, argv, point)
         assert killed.returncode == -9, f"{point}: exit {killed.returncode}\n{killed.stderr}"
-        _active_complete(adir)
+        now = _active_complete(adir)
         _parse_all(ws)
+        if endpoint_ops.journal_open(str(adir)) is None and now == want:  # killed after it had finished:
+            want = os.readlink(adir / MODEL / "previous").rsplit("/", 1)[-1]  # the rerun is a new rollback
         again = ws.cli(*argv)
         assert again.returncode == 0, f"rerun after kill at {point}: exit {again.returncode}\n{again.stderr}"
-        _converged(ws, endpoint, want, loaded)  # the rollback completed, it did not flip back
+        try:
+            _converged(ws, endpoint, want, loaded)  # the rollback completed, it did not flip back
+        except AssertionError as exc:
+            raise AssertionError(f"after kill at {point} and rerun: {exc}\n{again.stderr}") from None
         rows.append((point, steps[int(point.split(":")[0])], "yes"))
     _print_matrix(title, rows)
 
