@@ -12,11 +12,11 @@ from typing import Any
 from adapterctl.config import Config
 from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
 from adapterctl.execute import Report, RunContext, execute
-from adapterctl.outcome import worst
 from adapterctl.facts import gather
 from adapterctl.identity import Identity, utc_now
 from adapterctl.manifest import Manifest
 from adapterctl.names import check_cycle, check_version_id
+from adapterctl.outcome import worst
 from adapterctl.plan import Plan, Target, consent_missing, plan_deploy, plan_rollback
 from adapterctl.registration import register_version
 from adapterctl.transports import open_transport

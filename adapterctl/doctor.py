@@ -8,8 +8,8 @@ from typing import Any
 
 from adapterctl.config import Config, EndpointConfig
 from adapterctl.errors import AdapterctlError
-from adapterctl.manifest import Manifest
 from adapterctl.facts import gather, loaded_file
+from adapterctl.manifest import Manifest
 from adapterctl.steps import human_bytes
 from adapterctl.transports.base import Transport
 

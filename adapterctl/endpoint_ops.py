@@ -9,6 +9,7 @@ Requests and responses are JSON: {"op": name, "args": {...}} →
 {"ok": true, "result": ...} or {"ok": false, "error": {"kind", "message", "hint"}}.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -450,10 +451,8 @@ def _staged_sizes(path):
                 if base is None:
                     continue
                 rel = "partial:" + os.path.normpath(os.path.join(os.path.dirname(rel), base))
-            try:
+            with contextlib.suppress(OSError):
                 sizes[rel] = max(sizes.get(rel, 0), os.path.getsize(full))
-            except OSError:
-                pass
     return sizes
 
 
@@ -936,10 +935,8 @@ def _tree_size(path):
     total = 0
     for dirpath, _dirs, filenames in os.walk(path):
         for name in filenames:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
-            except OSError:
-                pass
     return total
 
 

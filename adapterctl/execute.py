@@ -10,21 +10,20 @@ swap fails, the transaction's compensation and `abort`. A failing transaction en
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from adapterctl import __version__, locks
 from adapterctl.config import Config
 from adapterctl.errors import EXIT_FAILURE, AdapterctlError, HealthCheckFailed, LockHeld
 from adapterctl.facts import gather
+from adapterctl.faults import FAULT_ENV, Faults
 from adapterctl.identity import Identity, iso, utc_now
 from adapterctl.journal import Journal
 from adapterctl.outcome import STATUS_EXIT, Outcome, worst
@@ -36,12 +35,9 @@ from adapterctl.plan import (
     endpoint_rollback_plan,
     plan_recovery,
 )
+from adapterctl.records import append_log
 from adapterctl.steps import RunState, Step, StepContext, Swap
 from adapterctl.transports.base import Transport
-
-FAULT_ENV = (
-    "ADAPTERCTL_FAULT"  # tests only: "<step index>:before|after", "c<j>:after" (compensation), "bytes:N"
-)
 
 
 @dataclass
@@ -65,37 +61,6 @@ class Report:
     outcomes: list[Outcome]
     exit_code: int
     dry_run: bool = False
-
-
-class Faults:
-    """A test-only hook: SIGKILL this process at a named step boundary, or after N bytes were sent."""
-
-    def __init__(self, spec: str | None):
-        self.spec = spec or ""
-        self.sent = 0
-
-    def at(self, key: str, when: str) -> None:
-        if self.spec == f"{key}:{when}":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def wrap_board(self, board: Any) -> Any:
-        if not self.spec.startswith("bytes:"):
-            return board
-        limit, faults = int(self.spec.split(":", 1)[1]), self
-
-        class _Killer:
-            def phase(self, endpoint: str, text: str) -> None:
-                if board is not None:
-                    board.phase(endpoint, text)
-
-            def advance(self, endpoint: str, nbytes: int) -> None:
-                faults.sent += nbytes
-                if faults.sent >= limit:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if board is not None:
-                    board.advance(endpoint, nbytes)
-
-        return _Killer()
 
 
 class Executor:
@@ -390,10 +355,9 @@ class Executor:
             out.status = "failed"
             ctx.say(f"FAILED in {step.phase}: {exc}")
         if journal is not None and txn is not None:
-            try:
+            # if the link is gone, the next command finds the transaction open and closes it
+            with contextlib.suppress(AdapterctlError):
                 journal.append({"t": "abort", "txn": txn.txn, "why": out.error[:500]})
-            except AdapterctlError:
-                pass  # the link is gone: the next command finds the transaction open and closes it
         return out.status
 
     def compensate(
@@ -456,74 +420,12 @@ class _Set:
 _SET = _Set()
 
 
-def append_log(store: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to deploy_log.jsonl with a single write(2)."""
-    store.mkdir(parents=True, exist_ok=True)
-    data = (json.dumps(record, sort_keys=True, ensure_ascii=False, default=str) + "\n").encode()
-    fd = os.open(store / "deploy_log.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def execute(plan: Plan, ctx: RunContext) -> Report:
     """Run every step of `plan`; write one log line per (endpoint, model) and the deployment record."""
-    import time
-
-    from adapterctl.manifest import locked
+    from adapterctl.records import record_run
 
     run = Executor(plan, ctx)
     outcomes = run.execute()
-    for o in outcomes:
-        run.log_line(
-            {
-                "action": plan.kind,
-                "cycle": plan.cycle,
-                "models": [o.model],
-                "model": o.model,
-                "version": o.version,
-                "endpoint": o.endpoint,
-                "phases_completed": o.phases_completed,
-                "health_check_results": o.health,
-                "status": o.status,
-                "error": o.error,
-                "bytes_sent": o.bytes_sent,
-                "convert": o.convert,
-                "recovered": o.recovered,
-                "duration_s": round(time.monotonic() - o.started, 3),
-            }
-        )
     code = worst([STATUS_EXIT[o.status] for o in outcomes] + [EXIT_FAILURE] * bool(run.failed_models))
-    if plan.kind != "convert" and (outcomes or run.failed_models):
-        with locked(ctx.cfg.store) as manifest:
-            for name in plan.endpoints:
-                ep = ctx.cfg.endpoints[name]
-                manifest.data["endpoints"][name] = {
-                    k: asdict(v) if is_dataclass(v) else v
-                    for k, v in vars(ep).items()
-                    if v not in (None, {}, ())
-                }
-            manifest.add_deployment(
-                {
-                    "id": plan.deployment_id,
-                    "timestamp": iso(ctx.clock()),
-                    "kind": plan.kind,
-                    "cycle": plan.cycle,
-                    "models": sorted({o.model for o in outcomes}),
-                    "endpoints": sorted({o.endpoint for o in outcomes}),
-                    "status": {0: "success", 4: "aborted", 5: "rolled_back"}.get(code, "failed"),
-                    "results": {
-                        f"{o.endpoint}/{o.model}": {
-                            "version": o.version,
-                            "status": o.status,
-                            "error": o.error,
-                        }
-                        for o in outcomes
-                    },
-                    "health_check_results": {
-                        f"{o.endpoint}/{o.model}": o.health for o in outcomes if o.health
-                    },
-                }
-            )
+    record_run(plan, ctx, outcomes, code, run.log_line, bool(run.failed_models))
     return Report(plan, outcomes, code)

@@ -72,7 +72,8 @@ def state_of(journal: JournalFacts, mf: ModelFacts | None) -> TxnState:
         return TxnState(
             "compensating",
             "compensate",
-            f"the deploy of {version} failed verify and was rolling back: finish the rollback to {restore or '(none)'}",
+            f"the deploy of {version} failed verify and was rolling back: "
+            f"finish the rollback to {restore or '(none)'}",
         )
     if _forward(rec, "done", "verify"):
         return TxnState("verified", "commit", f"the deploy of {version} was verified: record it as healthy")
@@ -81,7 +82,8 @@ def state_of(journal: JournalFacts, mf: ModelFacts | None) -> TxnState:
             return TxnState(
                 "swapped",
                 "roll-forward",
-                f"the deploy of {version} stopped after the swap (active → {version}, not verified): reload and "
+                f"the deploy of {version} stopped after the swap (active → {version}, not verified): "
+                "reload and "
                 f"verify it now; on failure roll back to {restore or '(none)'}",
             )
         return TxnState(

@@ -19,6 +19,7 @@ from typing import Any
 from adapterctl.config import Config, EndpointConfig, HealthSpec
 from adapterctl.errors import AdapterctlError, UsageError
 from adapterctl.facts import EndpointFacts, ModelFacts, compat_link_paths
+from adapterctl.faults import FAULT_ENV
 from adapterctl.journal import TxnState, new_txn_id, state_of
 from adapterctl.reload import ReloadDriver, driver_for
 from adapterctl.steps import (
@@ -112,7 +113,9 @@ class EndpointPlan:
     @cached_property
     def lock_steps(self) -> tuple[Lock, Unlock]:
         """The lock and unlock steps, made once so the executor finds them by identity in plan.steps."""
-        return Lock(self.endpoint, None, None, adapter_dir=self.adapter_dir), Unlock(self.endpoint, None, None)
+        return Lock(self.endpoint, None, None, adapter_dir=self.adapter_dir), Unlock(
+            self.endpoint, None, None
+        )
 
     def locked_steps(self) -> list[Step]:
         if not self.transactions and self.recovery is None:
@@ -445,7 +448,8 @@ def _verify(
             *base,
             report_only=True,
             base=True,
-            text="base model: health suite not applicable (it tests the adapter); the reload confirmation above is the check",
+            text="base model: health suite not applicable (it tests the adapter); "
+            "the reload confirmation above is the check",
         )
     m = cfg.models[model]
     plan = health_plan(cfg, model, ep, "active")
@@ -653,7 +657,8 @@ def endpoint_deploy_plan(
         mf = facts.models[t.model]
         if (t.model, t.version_id) in skip:
             notes.append(
-                f"{ep.name}: {t.model} {t.version_id} was rolled back by the recovery above: not deployed again in this run"
+                f"{ep.name}: {t.model} {t.version_id} was rolled back by the recovery above: "
+                "not deployed again in this run"
             )
             continue
         if mf.active == t.version_id and recovery is None:
@@ -661,7 +666,8 @@ def endpoint_deploy_plan(
             what = (
                 ""
                 if conv.key is None
-                else f" ({conv.spec.label} {'cached' if conv.cached else 'not in the cache'}; nothing is converted or sent)"
+                else f" ({conv.spec.label} {'cached' if conv.cached else 'not in the cache'}; "
+                "nothing is converted or sent)"
             )
             notes.append(f"{ep.name}: {t.model} {t.version_id} is already active — nothing to do{what}")
             continue
@@ -683,11 +689,12 @@ def _check_space(ep: EndpointConfig, facts: EndpointFacts, txns: list[Transactio
     """Refuse, before anything is written, a transfer the endpoint's disk cannot hold."""
     need = sum(s.bytes for t in txns for s in t.steps)
     margin = 64 << 10  # RELEASE.json, status and journal lines
-    if os.environ.get("ADAPTERCTL_FAULT") == "no-space-check":  # tests: the space goes after planning
+    if os.environ.get(FAULT_ENV) == "no-space-check":  # tests: the space goes after planning
         return
     if facts.free_bytes and need + margin > facts.free_bytes:
         raise UsageError(
-            f"endpoint {ep.name}: {ep.adapter_dir} has {human_bytes(facts.free_bytes)} free, this deploy writes "
+            f"endpoint {ep.name}: {ep.adapter_dir} has {human_bytes(facts.free_bytes)} free, "
+            "this deploy writes "
             f"{human_bytes(need)} there (+{human_bytes(margin)} of records): refusing before any transfer",
             "free space there (or lower keep_releases and let older releases be pruned), then rerun",
         )

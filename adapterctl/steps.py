@@ -293,7 +293,8 @@ class Lock(Step):
     action = "lock"
 
     def describe(self) -> str:
-        return f"take the endpoint lock {self.adapter_dir}/.adapterctl.lock; finish what an interrupted command left"
+        lock = f"{self.adapter_dir}/.adapterctl.lock"
+        return f"take the endpoint lock {lock}; finish what an interrupted command left"
 
 
 @dataclass(frozen=True)
@@ -315,7 +316,8 @@ class VerifyRelease(Step):
     action = "verify_release"
 
     def describe(self) -> str:
-        return f"releases/{self.version} already on endpoint: re-verify sha256 of {self.what} there (0 bytes to send)"
+        head = f"releases/{self.version} already on endpoint"
+        return f"{head}: re-verify sha256 of {self.what} there (0 bytes to send)"
 
     def run(self, ctx: StepContext) -> None:
         ctx.transport.call(
@@ -584,7 +586,8 @@ class Prune(Step):
     action = "prune"
 
     def describe(self) -> str:
-        old = f"remove old releases {', '.join(self.names)} (keep {self.keep}; never what active/previous point to)"
+        names = ", ".join(self.names)
+        old = f"remove old releases {names} (keep {self.keep}; never what active/previous point to)"
         return (old + "; " if self.names else "") + "remove abandoned staging dirs"
 
     def run(self, ctx: StepContext) -> None:

@@ -36,7 +36,8 @@ def _send(ctx: StepContext, files: dict[str, str], src: str, link_from: str | No
     )
     if prep["damaged"]:
         ctx.say(
-            f"warning: releases/{link_from}'s copy of {', '.join(prep['damaged'])} no longer has its recorded "
+            f"warning: releases/{link_from}'s copy of {', '.join(prep['damaged'])} "
+            "no longer has its recorded "
             "sha256: sent fresh, not linked (run `adapterctl doctor` for that release)"
         )
     board = ctx.run.board

@@ -57,7 +57,8 @@ def run_health(ctx: StepContext, plan: HealthPlan, key: str | None = None) -> di
     d = result.to_dict()
     verdict = "passed" if result.all_passed else f"FAILED ({len(result.failures)} of {d['cases']})"
     ctx.say(
-        f"health-check {plan.release}: {verdict}, p50 {d['latency_p50_ms']:.1f} ms, p95 {d['latency_p95_ms']:.1f} ms"
+        f"health-check {plan.release}: {verdict}, "
+        f"p50 {d['latency_p50_ms']:.1f} ms, p95 {d['latency_p95_ms']:.1f} ms"
     )
     return d
 

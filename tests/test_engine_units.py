@@ -60,7 +60,9 @@ def _facts(active=None, previous=None, releases=(), journal=None, staging=None, 
             "writable": True,
             "free_bytes": free,
             "platform": "linux",
-            "models": {"m": {"active": active, "previous": previous, "releases": rel, "staging": staging or {}}},
+            "models": {
+                "m": {"active": active, "previous": previous, "releases": rel, "staging": staging or {}}
+            },
             "journal": journal,
             "status": {"models": {"m": {"last_good_version": last_good}}} if last_good else None,
         },
@@ -81,7 +83,11 @@ def test_deploy_plan_is_a_transaction_whose_compensation_returns_to_last_good(tm
     plan = plan_deploy(cfg, "d1", [_target(tmp_path)], {"e1": facts})
     [txn] = plan.transactions()
     kinds = [type(s).__name__ for s in txn.steps]
-    assert kinds[:2] == ["Transfer", "Publish"] and "Swap" in kinds and kinds[-3:] == ["Verify", "MarkGood", "Prune"]
+    assert (
+        kinds[:2] == ["Transfer", "Publish"]
+        and "Swap" in kinds
+        and kinds[-3:] == ["Verify", "MarkGood", "Prune"]
+    )
     swap = next(s for s in txn.steps if isinstance(s, Swap))
     assert (swap.active, swap.previous) == (V2, V1)
     back = txn.compensation[0]
@@ -176,7 +182,9 @@ def test_recovery_after_the_swap_reloads_and_verifies_with_a_compensation(tmp_pa
 def test_an_interrupted_rollback_completes_to_its_recorded_target_not_back_again(tmp_path):
     cfg = load_config(_config(tmp_path))
     begin = dict(BEGIN, kind="rollback", version=V1, target={"active": V1, "previous": V2})
-    facts = _facts(active=V1, previous=V2, releases=(V1, V2), journal=_journal(begin, {"t": "intent", "action": "swap"}))
+    facts = _facts(
+        active=V1, previous=V2, releases=(V1, V2), journal=_journal(begin, {"t": "intent", "action": "swap"})
+    )
     rec = plan_recovery(cfg, cfg.endpoints["e1"], facts, False)
     swap = next(s for s in rec.steps if isinstance(s, Swap))
     assert (swap.active, swap.previous) == (V1, V2)
@@ -213,7 +221,9 @@ def test_lock_is_written_whole_and_an_unreadable_one_is_named_and_breakable(tmp_
     assert found["state"] == "binary"
     again = endpoint_ops.lock_acquire(adir, {"pid": 2, "host": "h", "deployment_id": "e"}, break_sha="f" * 64)
     assert not again["acquired"]  # not the content the caller decided to break
-    broke = endpoint_ops.lock_acquire(adir, {"pid": 2, "host": "h", "deployment_id": "e"}, break_sha=found["raw_sha"])
+    broke = endpoint_ops.lock_acquire(
+        adir, {"pid": 2, "host": "h", "deployment_id": "e"}, break_sha=found["raw_sha"]
+    )
     assert broke["acquired"] and broke["broken"]["state"] == "binary"
 
 

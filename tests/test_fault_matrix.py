@@ -189,9 +189,14 @@ def test_kill_inside_the_compensation_is_finished_by_the_next_command(workspace)
     # passes the pre-activation check (staged release), fails on the live `active` link
     bad.write_text(
         "import sys\nlive = sys.argv[1].endswith('active')\nfor line in sys.stdin:\n"
-        "    print('nada' if live else 'buenos dias servicio expiacion Santiago gracia fe amen', flush=True)\n"
+        "    good = 'buenos dias servicio expiacion Santiago gracia fe amen'\n"
+        "    print('nada' if live else good, flush=True)\n"
     )
-    ws.config.write_text(ws.config.read_text().replace('"-m", "adapterctl.demo_translator", "{release}"', f'"{bad}", "{{release}}"'))
+    ws.config.write_text(
+        ws.config.read_text().replace(
+            '"-m", "adapterctl.demo_translator", "{release}"', f'"{bad}", "{{release}}"'
+        )
+    )
     rows = []
     for j, point in enumerate(["c0:after", "c1:after"]):
         ws.new_adapter(MODEL, f"run{j + 2}", seed=j + 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapterctl.reload import ReloadDriver, ReloadIO, Trigger
+from adapterctl.reload.base import ReloadDriver, ReloadIO, Trigger
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from adapterctl.errors import PhaseError
 from adapterctl.identity import iso, utc_now
-from adapterctl.reload import ReloadDriver, ReloadIO, Trigger
+from adapterctl.reload.base import ReloadDriver, ReloadIO, Trigger
 
 
 @dataclass(frozen=True)
