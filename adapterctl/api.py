@@ -13,7 +13,7 @@ from adapterctl.config import Config
 from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
 from adapterctl.execute import Report, RunContext, execute
 from adapterctl.facts import gather
-from adapterctl.identity import Identity, utc_now
+from adapterctl.identity import Identity, iso, utc_now
 from adapterctl.manifest import Manifest
 from adapterctl.names import check_cycle, check_version_id
 from adapterctl.outcome import worst
@@ -427,3 +427,67 @@ def read_log(cfg: Config, endpoint: str | None = None, limit: int = 20) -> list[
         if endpoint is None or rec.get("endpoint") == endpoint:
             rows.append(rec)
     return rows[-limit:] if limit else rows
+
+
+def gc(
+    cfg: Config, endpoints: list[str], ssh: Any = None, dry_run: bool = False, opts: RunOptions | None = None
+) -> tuple[list[Any], list[tuple[str, str]]]:
+    """Remove what interrupted commands left: here (store temp copies, conversion scratch dirs, SSH
+    control dirs of dead runs) and on each endpoint, under its lock (staging no open transaction will
+    reuse, temp links and files). Returns (what was removed — or would be, with dry_run — and
+    (endpoint, error) for endpoints that could not be cleaned)."""
+    from adapterctl import hygiene, locks
+    from adapterctl.records import append_log
+
+    opts = opts or RunOptions()
+    identity = opts.identity or Identity.current()
+    items = hygiene.local_leftovers(cfg.store)
+    if not dry_run:
+        items = hygiene.remove_local(items)
+    errors: list[tuple[str, str]] = []
+    eps = select_endpoints(cfg, endpoints or ["all"])
+    gc_id = new_deployment_id(opts.clock)
+    log = lambda rec: append_log(  # noqa: E731
+        cfg.store, dict(rec, deployment_id=gc_id, user=identity.user, timestamp=iso(opts.clock()))
+    )
+    session = Session.open(cfg, eps, ssh)
+    try:
+        for name in eps:
+            ep, tr = cfg.endpoints[name], session.transports[name]
+            models = [m for m in cfg.models if ep.serves(m)]
+            try:
+                if not dry_run:
+                    holder = {
+                        "user": identity.user,
+                        "host": identity.host,
+                        "pid": identity.pid,
+                        "deployment_id": gc_id,
+                        "command": opts.command or "adapterctl gc",
+                    }
+                    locks.acquire(
+                        tr, ep, holder, identity, opts.break_lock, cfg.lock_stale_after_s, opts.progress, log
+                    )
+                try:
+                    open_txn = tr.call("journal_open", adapter_dir=ep.adapter_dir)
+                    keep = [open_txn[0].get("version")] if open_txn else []  # the next deploy resumes it
+                    op = "leftovers" if dry_run else "remove_leftovers"
+                    found = tr.call(op, adapter_dir=ep.adapter_dir, models=models, keep=keep)
+                finally:
+                    if not dry_run:
+                        locks.release(tr, ep, gc_id)
+                items += [hygiene.Leftover(name, x["path"], x["bytes"], x["what"]) for x in found]
+            except AdapterctlError as exc:
+                errors.append((name, str(exc)))
+    finally:
+        session.close()
+    if not dry_run:
+        log(
+            {
+                "action": "gc",
+                "status": "failed" if errors else "success",
+                "removed": len(items),
+                "bytes": sum(i.bytes for i in items),
+                "errors": dict(errors),
+            }
+        )
+    return items, errors

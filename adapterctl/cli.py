@@ -450,6 +450,46 @@ def doctor(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+def gc(
+    endpoints: EndpointsOpt = None,
+    dry_run: DryRunOpt = False,
+    break_lock: BreakLockOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what interrupted commands left behind, here and on endpoints (default: every endpoint).
+
+    Here: store copies and conversion scratch dirs of runs that are gone, stale SSH control dirs. On each
+    endpoint, under its lock: staging dirs that no open transaction will reuse (a rerun of an interrupted
+    deploy resumes from its own, which is kept), temp links and files of interrupted writes.
+    `adapterctl doctor` lists the same leftovers without removing them.
+    """
+    from dataclasses import asdict
+
+    from adapterctl import api
+    from adapterctl.steps import human_bytes
+
+    cfg = _run(_config)
+    opts = api.RunOptions(break_lock=break_lock, progress=_progress, command=" ".join(sys.argv))
+    items, errors = _run(api.gc, cfg, _split(endpoints), _ssh(), dry_run, opts)
+    if as_json:
+        out.print_json(
+            json.dumps({"dry_run": dry_run, "removed": [asdict(i) for i in items], "errors": dict(errors)})
+        )
+    else:
+        verb = "would remove" if dry_run else "removed"
+        table = Table(title=f"adapterctl gc ({verb})")
+        for col in ("where", "path", "size", "what"):
+            table.add_column(col, overflow="fold")
+        for i in items:
+            _add_row(table, i.where, i.path, human_bytes(i.bytes), i.what)
+        out.print(table)
+        out.print(f"{verb} {len(items)} leftovers, {human_bytes(sum(i.bytes for i in items))}", markup=False)
+    for name, why in errors:
+        err.print(f"{name}: {why}", markup=False)
+    raise typer.Exit(1 if errors else 0)
+
+
+@app.command()
 def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
     """Registered adapter versions in the manifest, oldest first."""
     from adapterctl.manifest import Manifest

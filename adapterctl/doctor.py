@@ -244,6 +244,20 @@ def convert_checks(cfg: Config, eps: list[str]) -> list[Check]:
     return checks
 
 
+def local_checks(cfg: Config) -> list[Check]:
+    """This machine: leftovers of interrupted commands (store temp copies, scratch dirs, SSH control dirs)."""
+    from adapterctl.hygiene import local_leftovers
+
+    left = local_leftovers(cfg.store)
+    if not left:
+        return [Check("local", "leftovers", "ok", "no temp paths of interrupted commands", "")]
+    total = sum(x.bytes for x in left)
+    shown = "; ".join(f"{x.path} ({human_bytes(x.bytes)})" for x in left[:5])
+    return [
+        Check("local", "leftovers", "warn", f"{len(left)}, {human_bytes(total)}: {shown}", "`adapterctl gc`")
+    ]
+
+
 def doctor(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[Check]:
     """All checks for the selected endpoints (in parallel), in endpoint order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -258,6 +272,6 @@ def doctor(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[Check]:
             results = pool.map(
                 lambda n: check_endpoint(cfg, cfg.endpoints[n], session.transports[n], manifest), eps
             )
-            return [c for group in results for c in group] + convert_checks(cfg, eps)
+            return [c for group in results for c in group] + convert_checks(cfg, eps) + local_checks(cfg)
     finally:
         session.close()
