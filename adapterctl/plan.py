@@ -265,6 +265,7 @@ def convert_step(
         base_digest=conv.base_digest,
         store_dir=str(t.store_dir),
         files=frozen_files(t.files),
+        writes=0 if conv.key is None or conv.cached else conv.size,
         text=_convert_summary(ep, conv),
     )
     return step, conv
@@ -700,6 +701,23 @@ def _check_space(ep: EndpointConfig, facts: EndpointFacts, txns: list[Transactio
         )
 
 
+def _check_local_space(cfg: Config, regs: list[Register], eplans: list[EndpointPlan]) -> None:
+    """Refuse, before anything is written, a registration or conversion this machine's disk cannot hold."""
+    import shutil
+
+    keys = {s.key: s.writes for e in eplans for s in e.converts if s.writes}
+    need = sum(r.size for r in regs) + sum(keys.values())
+    root = cfg.store if cfg.store.exists() else next(p for p in cfg.store.parents if p.exists())
+    free = shutil.disk_usage(root).free
+    if need and os.environ.get(FAULT_ENV) != "no-space-check" and need + (64 << 10) > free:
+        raise UsageError(
+            f"this machine: {root} has {human_bytes(free)} free, this deploy writes {human_bytes(need)} "
+            "there "
+            f"({len(regs)} registrations, {len(keys)} conversions): refusing before anything is written",
+            "free space in the store (adapterctl convert --prune, adapterctl gc), then rerun",
+        )
+
+
 def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:
     if ep.reload_method == "restart" and not (allow_outage or ep.allow_outage):
         notes.append(
@@ -814,6 +832,7 @@ def plan_deploy(
         eplans.append(
             endpoint_deploy_plan(cfg, ep, facts, mine, notes, allow_outage, health_local, converter)
         )
+    _check_local_space(cfg, regs, eplans)
     return Plan(
         "deploy",
         deployment_id,

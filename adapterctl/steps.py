@@ -207,6 +207,7 @@ class Convert(Step):
     base_digest: str | None = None
     store_dir: str = ""
     files: Files = ()  # the version's PEFT files (the conversion's input)
+    writes: int = 0  # bytes the conversion will write into the cache here (0: cached or none)
     text: str = ""
     phase = "convert"
     action = "convert"

@@ -27,6 +27,7 @@ pytest.importorskip("peft")
 from adapterctl import tinymodel  # noqa: E402
 from adapterctl.convert import Cache, ConversionError, ConvertSpec, Job, base_digest  # noqa: E402
 from adapterctl.convert import gguf as convert_gguf  # noqa: E402
+from adapterctl.convert import tools as convert_tools  # noqa: E402
 from adapterctl.endpoint_ops import sha256_file  # noqa: E402
 from adapterctl.formats import gguf as gguf_format  # noqa: E402
 
@@ -46,7 +47,7 @@ class Built:
 @pytest.fixture(scope="module")
 def tools() -> Path:
     try:
-        return convert_gguf.tools_dir()
+        return convert_tools.tools_dir()
     except ConversionError as exc:
         pytest.skip(str(exc))
 
@@ -280,9 +281,9 @@ def test_converter_failure_names_model_version_and_script(tiny, store, tmp_path)
 
 
 def test_missing_tools_dir_is_a_conversion_error_naming_the_fix(monkeypatch, tmp_path, tiny, store):
-    monkeypatch.setenv(convert_gguf.TOOLS_ENV, str(tmp_path))
+    monkeypatch.setenv(convert_tools.TOOLS_ENV, str(tmp_path))
     with pytest.raises(ConversionError) as info:
-        convert_gguf.tools_dir()
+        convert_tools.tools_dir()
     text = str(info.value)
     assert str(tmp_path) in text and "convert_hf_to_gguf.py" in text
     assert "pip install -e '.[gguf]'" in text and "scripts/build-llama-cpp-wheel" in text

@@ -20,202 +20,74 @@ This module imports no heavy package: the builders (mlx.py, gguf.py) and the fid
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from adapterctl.convert.job import Artifact, Job, cache_key, tool_versions
+from adapterctl.convert.spec import (
+    CONVERTER_VERSION,
+    DEFAULT_FORMAT,
+    DEFAULT_QUANT,
+    FIDELITY_TOOLS,
+    FORMATS,
+    NEEDS_BASE,
+    NEEDS_IMATRIX,
+    QUANT_TYPES,
+    TOOLS,
+    UNQUANTIZED,
+    BaseMismatch,
+    ConversionError,
+    ConvertSpec,
+    FidelityFailed,
+    FidelitySpec,
+    check_quant,
+    dist_version,
+)
 from adapterctl.endpoint_ops import atomic_write_json, fsync_dir, pid_alive, sha256_file
-from adapterctl.errors import AdapterctlError, ConfigError, HealthCheckFailed, UsageError
+from adapterctl.errors import AdapterctlError
 from adapterctl.formats.safetensors import read_header
 
-CONVERTER_VERSION = "1"  # bump when any builder's output changes for the same inputs
+__all__ = [  # the package's API; spec.py and job.py hold what the builders share with it
+    "ARTIFACT_FILE",
+    "CONVERTER_VERSION",
+    "DEFAULT_FORMAT",
+    "DEFAULT_QUANT",
+    "FIDELITY_TOOLS",
+    "FORMATS",
+    "NEEDS_BASE",
+    "NEEDS_IMATRIX",
+    "QUANT_TYPES",
+    "TOOLS",
+    "UNQUANTIZED",
+    "Artifact",
+    "BaseMismatch",
+    "Cache",
+    "ConversionError",
+    "ConvertSpec",
+    "FidelityFailed",
+    "FidelitySpec",
+    "Job",
+    "base_digest",
+    "base_shapes",
+    "cache_key",
+    "check_base",
+    "check_quant",
+    "dist_version",
+    "fidelity_spec",
+    "passthrough",
+    "run",
+    "spec_for",
+    "tool_versions",
+]
+
 ARTIFACT_FILE = "ARTIFACT.json"
 CACHE_DIR = Path(".cache") / "convert"
-
-FORMATS: dict[str, tuple[str, ...]] = {
-    "mlx": ("adapter", "fused", "peft"),
-    "gguf": ("merged", "lora", "peft"),
-}
-DEFAULT_FORMAT = {"mlx": "adapter", "gguf": "merged"}
-DEFAULT_QUANT = "Q4_K_M"
-NEEDS_BASE = ("fused", "merged", "lora")
-
-# llama.cpp's file types (llama_ftype, llama-cpp-python 0.3.36) that quantize without extra input.
-# The IQ*/TQ* types need an importance matrix (llama-quantize --imatrix), which we do not produce.
-QUANT_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
-    "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S",
-)  # fmt: skip
-NEEDS_IMATRIX = (
-    "IQ1_M", "IQ1_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ3_M", "IQ3_S", "IQ3_XS",
-    "IQ3_XXS", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "NVFP4", "MXFP4_MOE",
-)  # fmt: skip
-UNQUANTIZED = ("F32", "F16", "BF16")
-
-TOOLS = {  # distributions whose version enters the cache key, per format
-    "adapter": ("numpy",),
-    "fused": ("numpy",),
-    "merged": ("torch", "transformers", "peft", "llama_cpp_python"),
-    "lora": ("torch", "transformers", "peft", "llama_cpp_python"),
-}
-_REFERENCE = ("torch", "transformers", "peft")  # the fidelity check's PEFT original
-FIDELITY_TOOLS = {
-    "adapter": (*_REFERENCE, "mlx", "mlx-lm"),
-    "fused": (*_REFERENCE, "mlx", "mlx-lm"),
-    "merged": ("llama_cpp_python",),
-    "lora": ("llama_cpp_python",),
-}
-
-
-class ConversionError(AdapterctlError):
-    """A conversion could not be built (exit 1; nothing was sent to the endpoint)."""
-
-
-class FidelityFailed(HealthCheckFailed):
-    """The converted artifact does not behave like the PEFT original (exit 4, active untouched)."""
-
-    report: dict | None = None  # the fidelity record, set by fidelity.check
-
-
-class BaseMismatch(UsageError):
-    """The configured base model is missing or is not the one the adapter applies to (exit 2)."""
-
-
-def check_quant(quant: str) -> str:
-    """The llama.cpp file type name for `quant` (case-insensitive); ConfigError for an unknown one."""
-    name = quant.upper()
-    if name in QUANT_TYPES:
-        return name
-    if name in NEEDS_IMATRIX:
-        raise ConfigError(
-            f"quant type {quant!r} needs an importance matrix, which adapterctl does not build",
-            f"use one of: {', '.join(QUANT_TYPES)}",
-        )
-    raise ConfigError(
-        f"quant type {quant!r} is not a llama.cpp file type", f"use one of: {', '.join(QUANT_TYPES)}"
-    )
-
-
-@dataclass(frozen=True)
-class ConvertSpec:
-    """How one endpoint kind wants a model's adapter: `kind` mlx|gguf, `format` (FORMATS[kind])."""
-
-    kind: str
-    format: str
-    quant: str | None = None  # gguf merged: a QUANT_TYPES name (default Q4_K_M)
-    fidelity: bool = True  # compare the artifact with the PEFT original on the health suite
-
-    @property
-    def passthrough(self) -> bool:
-        return self.format == "peft"
-
-    @property
-    def needs_base(self) -> bool:
-        return self.format in NEEDS_BASE
-
-    @property
-    def label(self) -> str:
-        if self.passthrough:
-            return "PEFT as is"
-        what = {
-            "adapter": "MLX adapter",
-            "fused": "fused MLX model",
-            "merged": "merged GGUF",
-            "lora": "GGUF LoRA",
-        }
-        return what[self.format] + (f" {self.quant}" if self.quant else "")
-
-    def params(self) -> dict[str, Any]:
-        return {"kind": self.kind, "format": self.format, "quant": self.quant}
-
-
-@dataclass(frozen=True)
-class FidelitySpec:
-    """What the fidelity check runs: the model's health suite cases, with the engine's prompt."""
-
-    inputs: tuple[str, ...] = ()
-    suite: Any = None  # health.suite.HealthSuite (None: no text suite, fidelity is not checked)
-    prompt_template: str = "{input}\n"
-    max_tokens: int = 64
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything one conversion reads; its cache key is computed from these values only."""
-
-    model: str
-    version: str
-    spec: ConvertSpec
-    source_dir: Path  # the registered (immutable) store copy of the version
-    source_files: Mapping[str, str]  # file -> sha256, from the manifest
-    base_dir: Path | None = None
-    base_digest: str | None = None
-    fidelity: FidelitySpec = field(default_factory=FidelitySpec)
-
-    def key(self) -> str:
-        return cache_key(self)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A complete, verified cache entry (or, for `peft`, the store copy itself)."""
-
-    key: str | None
-    dir: Path
-    files: dict[str, str]  # file -> sha256: what is shipped
-    size_bytes: int
-    meta: dict[str, Any]
-
-    def record(self) -> dict[str, Any]:
-        """The manifest's record of this artifact (DESIGN §4, per version under `artifacts`)."""
-        keep = ("format", "kind", "quant", "tools", "fidelity", "fallbacks", "base_digest", "seconds")
-        return {"key": self.key, "files": self.files, "size_bytes": self.size_bytes} | {
-            k: self.meta[k] for k in keep if k in self.meta
-        }
-
-
-def dist_version(name: str) -> str | None:
-    """An installed distribution's version, without importing it (None when absent)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def tool_versions(spec: ConvertSpec) -> dict[str, str | None]:
-    names = TOOLS.get(spec.format, ()) + (FIDELITY_TOOLS.get(spec.format, ()) if spec.fidelity else ())
-    out = {"adapterctl-converter": CONVERTER_VERSION} | {n: dist_version(n) for n in names}
-    if spec.format in ("merged", "lora"):  # llama.cpp's converter scripts, wherever they were put
-        out["llama_cpp_tools"] = _llama_cpp_tools_digest()
-    return out
-
-
-def _llama_cpp_tools_digest() -> str | None:
-    from adapterctl.convert import gguf
-
-    try:
-        return gguf.converter_info(gguf.tools_dir())["convert_hf_to_gguf"].get("scripts_sha256")
-    except AdapterctlError:
-        return None  # no tools: the conversion itself fails with the fix
-
-
-def cache_key(job: Job) -> str:
-    doc = {
-        "files": dict(sorted(job.source_files.items())),
-        "base": job.base_digest,
-        "spec": job.spec.params(),
-        "fidelity": job.spec.fidelity
-        and [list(job.fidelity.inputs), job.fidelity.prompt_template, job.fidelity.max_tokens],
-        "tools": tool_versions(job.spec),
-    }
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
 class Cache:

@@ -17,7 +17,6 @@ directory's gguf-py. torch/transformers/peft/llama_cpp are imported inside funct
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -26,32 +25,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from adapterctl.convert import (
-    DEFAULT_QUANT,
-    UNQUANTIZED,
-    ConversionError,
-    Job,
-    check_quant,
-    dist_version,
-)
+from adapterctl.convert.job import Job
+from adapterctl.convert.spec import DEFAULT_QUANT, UNQUANTIZED, ConversionError, check_quant
+from adapterctl.convert.tools import CONVERT_HF, CONVERT_LORA, converter_info, llama_cpp_version, tools_dir
 from adapterctl.endpoint_ops import sha256_file
-from adapterctl.tinymodel import cache_root
 
 Progress = Callable[[str], None]
 
-TOOLS_ENV = "ADAPTERCTL_LLAMA_CPP_TOOLS"
-TOOLS_FIX = (
-    "install the gguf extra: pip install -e '.[gguf]' and run scripts/build-llama-cpp-wheel, "
-    "which extracts llama.cpp's converters from the pinned sdist"
-)
-CONVERT_HF = "convert_hf_to_gguf.py"
-CONVERT_LORA = "convert_lora_to_gguf.py"
-# what the converters import: gguf-py (PYTHONPATH) and, since llama.cpp split the script, conversion/
-TOOL_FILES = (CONVERT_HF, CONVERT_LORA, "gguf-py/gguf/__init__.py", "conversion/__init__.py")
 BASE_GGUF = "base.gguf"
 STDERR_TAIL_LINES = 15
 
@@ -70,62 +53,6 @@ _FALLBACK = re.compile(
     r"-> falling back to\s+(?P<used>\S+)"
 )
 _FALLBACK_COUNT = re.compile(r"WARNING: (\d+) of (\d+) tensor\(s\) required fallback quantization")
-
-
-# -- tools ------------------------------------------------------------------------------------
-
-
-def llama_cpp_version() -> str:
-    """The installed llama-cpp-python's version (not imported); ConversionError when absent."""
-    version = dist_version("llama_cpp_python")
-    if version is None:
-        raise ConversionError("llama-cpp-python is not installed (it quantizes GGUFs)", TOOLS_FIX)
-    return version
-
-
-def tools_dir() -> Path:
-    """llama.cpp's converter scripts: `$ADAPTERCTL_LLAMA_CPP_TOOLS`, else
-    `{$ADAPTERCTL_CACHE or ~/.cache/adapterctl}/llama-cpp-tools-{llama-cpp-python version}`.
-
-    Raises ConversionError (naming the path and the fix) when llama-cpp-python is not installed or
-    the directory lacks a converter script or gguf-py."""
-    version = llama_cpp_version()
-    env = os.environ.get(TOOLS_ENV)
-    path = Path(env) if env else cache_root() / f"llama-cpp-tools-{version}"
-    missing = [name for name in TOOL_FILES if not (path / name).is_file()]
-    if missing:
-        where = f"${TOOLS_ENV}={path}" if env else str(path)
-        raise ConversionError(
-            f"llama.cpp's GGUF converters are missing: {where} has no {', '.join(missing)}",
-            TOOLS_FIX + (f" (or unset {TOOLS_ENV})" if env else ""),
-        )
-    return path
-
-
-@lru_cache(maxsize=8)
-def _describe_tools(tools: Path, version: str) -> dict[str, str]:
-    h = hashlib.sha256()
-    files = [tools / CONVERT_HF, tools / CONVERT_LORA]
-    files += sorted((tools / "conversion").rglob("*.py")) + sorted((tools / "gguf-py" / "gguf").rglob("*.py"))
-    for f in files:
-        h.update(f"{f.relative_to(tools).as_posix()}\0".encode())
-        h.update(f.read_bytes())
-    try:
-        pyproject = (tools / "gguf-py" / "pyproject.toml").read_text(encoding="utf-8")
-        gguf_py = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M)
-    except OSError:
-        gguf_py = None
-    return {
-        "source": f"llama.cpp vendored in llama-cpp-python {version}",
-        "gguf_py": gguf_py.group(1) if gguf_py else "unknown",
-        "scripts_sha256": h.hexdigest()[:16],  # over the scripts' relative names and bytes
-    }
-
-
-def converter_info(tools: Path) -> dict[str, Any]:
-    """What built the artifact, independent of where the tools are installed."""
-    version = llama_cpp_version()
-    return {"llama_cpp_python": version, "convert_hf_to_gguf": _describe_tools(tools, version)}
 
 
 def _tool_env(tools: Path) -> dict[str, str]:
