@@ -14,7 +14,8 @@ complete when its ARTIFACT.json exists (written last); every use re-hashes its f
 entry that does not match (truncated, corrupted) is removed and rebuilt, never shipped.
 
 This module imports no heavy package: the builders (mlx.py, gguf.py) and the fidelity check
-(fidelity.py) import torch/transformers/peft/mlx/llama_cpp inside their functions.
+(fidelity.py) import torch/transformers/peft/mlx/llama_cpp inside their functions. Imports point
+one way: this module → builders → job.py (Job, cache key) → tools.py (llama.cpp's scripts) → spec.py.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.convert import DEFAULT_QUANT, UNQUANTIZED, ConversionError, FidelityFailed, Job
+from adapterctl.convert.job import Job
+from adapterctl.convert.spec import DEFAULT_QUANT, UNQUANTIZED, ConversionError, FidelityFailed, dist_version
 from adapterctl.health.suite import Expectation, match
 
 HINT = "the conversion is not used; check the converter/base_dir, or set fidelity: false to skip"
@@ -256,8 +257,6 @@ def _require(job: Job, module: str, what: str, extra: str) -> None:
 
 
 def _version(dist: str) -> str:
-    from adapterctl.convert import dist_version
-
     return dist_version(dist) or "?"
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from adapterctl import mlxformat
-from adapterctl.convert import CONVERTER_VERSION, ConversionError, Job
+from adapterctl.convert.job import Job
+from adapterctl.convert.spec import CONVERTER_VERSION, ConversionError
 from adapterctl.formats import peft
 from adapterctl.formats import safetensors as st
 
