@@ -214,7 +214,7 @@ def test_kill_inside_the_compensation_is_finished_by_the_next_command(workspace)
 
 def test_a_transfer_killed_halfway_resumes_and_sends_about_the_missing_half(workspace):
     ws = workspace
-    ws.new_adapter(MODEL, "run1", seed=1, hidden=131072)  # 16 MiB of weights
+    ws.new_adapter(MODEL, "run1", seed=1, hidden=131072)  # 32 MiB of weights
     argv = ["deploy", "--cycle", "1", "--models", MODEL, "--endpoints", "rtx-1"]
     plan = ws.cli_json(*argv, "--dry-run", check=0)
     total = plan["bytes_to_send"]
@@ -224,3 +224,4 @@ def test_a_transfer_killed_halfway_resumes_and_sends_about_the_missing_half(work
     [o] = again["outcomes"]
     assert o["status"] == "success"
     assert o["bytes_sent"] <= total * 0.55, (o["bytes_sent"], total)
+    print(f"\nkilled at {total // 2} of {total} bytes; the rerun sent {o['bytes_sent']}")

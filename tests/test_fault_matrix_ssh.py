@@ -76,7 +76,7 @@ def _loaded(ws, endpoint: str):
 
 
 @pytest.fixture
-def ssh_live(ssh_workspace):
+def ssh_live(ssh_workspace):  # noqa: F811 - the fixture imported from test_ssh
     """Both hosts at cycle 1; the serving stand-in of mac-1 runs on this machine (the hosts share its
     filesystem and pids: the agent's SIGUSR1 over SSH reaches it)."""
     ws = ssh_workspace
@@ -122,7 +122,10 @@ def _local_rsync(cli: subprocess.Popen) -> int | None:
 
 
 @pytest.mark.parametrize("endpoint", HOSTS)
-def test_ssh_link_cut_mid_transfer_fails_naming_the_host_and_the_rerun_resumes(ssh_workspace, endpoint):
+def test_ssh_link_cut_mid_transfer_fails_naming_the_host_and_the_rerun_resumes(
+    ssh_workspace,  # noqa: F811 - the fixture imported from test_ssh
+    endpoint,
+):
     """The sshd processes serving adapterctl's connections to the host are SIGKILLed while rsync sends a
     16 MiB adapter (the sender is paused at a quarter, so the cut lands mid-transfer however fast the
     loopback is): the command fails clearly, `active` is untouched, and the rerun sends only the rest."""
@@ -176,8 +179,8 @@ def test_ssh_link_cut_mid_transfer_fails_naming_the_host_and_the_rerun_resumes(s
 
 # -- 3. the disk full mid-transfer, on the BSD host ----------------------------------------------------
 def test_remote_disk_full_mid_transfer_on_the_bsd_host_then_space_freed_the_rerun_converges(
-    ssh_workspace,
-    tmpfs,  # noqa: F811 - the fixture imported from test_ssh
+    ssh_workspace,  # noqa: F811 - the fixtures imported from test_ssh
+    tmpfs,  # noqa: F811
 ):
     ws = ssh_workspace
     _configure(ws)
