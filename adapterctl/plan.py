@@ -600,7 +600,7 @@ def _deploy_txn(
     local = (str(conv.src) if conv.src else str(t.store_dir)) if health_local else None
     steps.append(_pre_check(cfg, ep, t, local, conv.key))
     driver = _driver(ep, facts, allow_outage)
-    if ep.reload_method == "sigusr1":
+    if driver.signals_process:
         summary, warn = _service_check(ep, facts)
         if warn:
             notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
@@ -681,7 +681,7 @@ def endpoint_deploy_plan(
         remembered = remembered or bool(remember)
         txns.append(_deploy_txn(cfg, ep, facts, t, conv, allow_outage, health_local, notes, bool(remember)))
     if txns:
-        _outage_note(ep, allow_outage, notes)
+        _outage_note(ep, _driver(ep, facts, allow_outage), notes)
         _check_space(ep, facts, txns)
     return EndpointPlan(ep.name, tuple(converts), tuple(txns), facts, recovery)
 
@@ -718,10 +718,10 @@ def _check_local_space(cfg: Config, regs: list[Register], eplans: list[EndpointP
         )
 
 
-def _outage_note(ep: EndpointConfig, allow_outage: bool, notes: list[str]) -> None:
-    if ep.reload_method == "restart" and not (allow_outage or ep.allow_outage):
+def _outage_note(ep: EndpointConfig, driver: ReloadDriver, notes: list[str]) -> None:
+    if driver.needs_consent:
         notes.append(
-            f"{ep.name}: reload_method restart stops the service (expected outage 10–20 s): "
+            f"{ep.name}: reload_method restart stops the service (expected outage {driver.outage}): "
             "a real run needs --allow-outage, or allow_outage: true in this endpoint's config"
         )
 
@@ -873,7 +873,7 @@ def endpoint_rollback_plan(
         target = rollback_target(ep, model, mf, facts, to)
         base = (ep.name, model, target)
         steps: list[Step] = []
-        if ep.reload_method == "sigusr1":
+        if driver.signals_process:
             steps.append(CheckService(*base, pidfile=ep.pidfile, now=_service_check(ep, facts)[0]))
         steps += _activation(ep, model, target, mf.active, driver, "unverified")
         steps.append(
@@ -892,7 +892,7 @@ def endpoint_rollback_plan(
                 target=(target, mf.active),
             )
         )
-    _outage_note(ep, allow_outage, notes)
+    _outage_note(ep, driver, notes)
     return EndpointPlan(ep.name, (), tuple(txns), facts, recovery)
 
 

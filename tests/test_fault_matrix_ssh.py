@@ -6,7 +6,7 @@
    by SIGUSR1 through the SSH agent, so every reload is confirmed by loaded.json) and linux-1
    (reload_method none).
 2. The SSH link cut mid-transfer (the sshd serving adapterctl's connections killed while rsync sends a
-   16 MiB adapter): a clear error naming the host, and a rerun that resumes.
+   32 MiB adapter): a clear error naming the host, and a rerun that resumes.
 3. The remote disk full mid-transfer on the BSD host, then space freed: the rerun converges (linux-2's
    variant is test_ssh.py::test_remote_disk_full_mid_transfer_fails_clearly_cleans_staging_and_keeps_active).
 4. The serving process killed at the reload: never `active` at an unverified release marked
@@ -127,13 +127,13 @@ def test_ssh_link_cut_mid_transfer_fails_naming_the_host_and_the_rerun_resumes(
     endpoint,
 ):
     """The sshd processes serving adapterctl's connections to the host are SIGKILLed while rsync sends a
-    16 MiB adapter (the sender is paused at a quarter, so the cut lands mid-transfer however fast the
+    32 MiB adapter (the sender is paused at a quarter, so the cut lands mid-transfer however fast the
     loopback is): the command fails clearly, `active` is untouched, and the rerun sends only the rest."""
     ws = ssh_workspace
     _configure(ws)
     deploy(ws, 1, endpoint, models=[MODEL], check=0)
     v1 = ws.vid(1)
-    ws.new_adapter(MODEL, "run2", seed=2, hidden=131072)  # 16 MiB of weights
+    ws.new_adapter(MODEL, "run2", seed=2, hidden=131072)  # 32 MiB of weights
     argv = deploy_argv(2, (endpoint,), [MODEL])
     total = ws.cli_json(*argv, "--dry-run", check=0)["bytes_to_send"]
     assert total > 16 * 1024 * 1024, total
@@ -173,7 +173,9 @@ def test_ssh_link_cut_mid_transfer_fails_naming_the_host_and_the_rerun_resumes(
     assert o["status"] == "success", o
     _converged(ws, endpoint, v2, None)
     release_ok(ws, endpoint, v2)
+    said = [line for line in text.splitlines() if "lost the SSH connection" in line]
     print(f"\nlink cut × {endpoint}: cut at {arrived} of {total} bytes; rerun sent {o['bytes_sent']} bytes")
+    print(f"exit {cli.returncode}: {said[-1]}")
     assert o["bytes_sent"] < total, (o["bytes_sent"], total, arrived)
 
 

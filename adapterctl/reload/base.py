@@ -49,6 +49,9 @@ class ReloadDriver(ABC):
 
     method: ClassVar[str] = "?"
     outage: ClassVar[str] = "0 s"
+    signals_process: ClassVar[bool] = (
+        False  # its trigger needs the serving process alive (checked before the swap)
+    )
     timeout_s: float = 10.0
     pidfile: str | None = None
 

@@ -12,6 +12,7 @@ from adapterctl.reload.base import ReloadDriver, ReloadIO, Trigger
 @dataclass(frozen=True)
 class Sigusr1(ReloadDriver):
     method = "sigusr1"
+    signals_process = True
     confirmable: bool = True  # the service wrote a loaded.json when the plan was made
 
     def describe(self, version: str | None) -> str:
