@@ -53,6 +53,18 @@ class LockFacts:
     age_s: float
     preview: str = ""
 
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> LockFacts:
+        """From endpoint_ops.read_lock's JSON."""
+        return cls(
+            raw["state"],
+            raw.get("holder"),
+            raw.get("raw_sha"),
+            raw.get("size"),
+            float(raw.get("age_s") or 0.0),
+            raw.get("preview") or "",
+        )
+
     def describe(self, path: str) -> str:
         """Who holds the lock, or what is wrong with the lock file, in words."""
         h = self.holder or {}
@@ -178,16 +190,7 @@ def parse(name: str, raw: Mapping[str, Any], adapter_dir: str = "") -> EndpointF
         python=str(raw.get("python") or ""),
         platform=str(raw.get("platform") or ""),
         models=models,
-        lock=LockFacts(
-            lock["state"],
-            lock.get("holder"),
-            lock.get("raw_sha"),
-            lock.get("size"),
-            float(lock.get("age_s") or 0.0),
-            lock.get("preview") or "",
-        )
-        if lock
-        else None,
+        lock=LockFacts.parse(lock) if lock else None,
         journal=JournalFacts(tuple(journal)) if journal else None,
         status=raw.get("status"),
         status_error=raw.get("status_error"),

@@ -14,14 +14,7 @@ from adapterctl.transports.base import Transport
 
 
 def _facts(raw: dict[str, Any]) -> LockFacts:
-    return LockFacts(
-        raw["state"],
-        raw.get("holder"),
-        raw.get("raw_sha"),
-        raw.get("size"),
-        float(raw.get("age_s") or 0.0),
-        raw.get("preview") or "",
-    )
+    return LockFacts.parse(raw)
 
 
 def holder_dead(lock: LockFacts, identity: Identity) -> bool:
