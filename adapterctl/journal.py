@@ -72,7 +72,7 @@ def state_of(journal: JournalFacts, mf: ModelFacts | None) -> TxnState:
         return TxnState(
             "compensating",
             "compensate",
-            f"the deploy of {version} failed verify and was rolling back: "
+            f"the deploy of {version} failed after the swap and was rolling back: "
             f"finish the rollback to {restore or '(none)'}",
         )
     if _forward(rec, "done", "verify"):

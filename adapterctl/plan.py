@@ -662,7 +662,13 @@ def endpoint_deploy_plan(
                 "not deployed again in this run"
             )
             continue
-        if mf.active == t.version_id and recovery is None:
+        if recovery is not None and recovery.model == t.model:  # its facts change with the recovery
+            notes.append(
+                f"{ep.name}: {t.model} is planned again from the endpoint's state once the interrupted "
+                "command is finished"
+            )
+            continue
+        if mf.active == t.version_id:
             conv = converter.plan(t, ep)
             what = (
                 ""

@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.heavy  # runs Python subprocesses that import the CLI
+
 HEAVY = ("torch", "peft", "transformers", "mlx", "mlx_lm", "llama_cpp")
 PROBE = """
 import sys

@@ -378,6 +378,7 @@ def nothing_sent(ws: Workspace, *endpoints: str) -> None:
         assert not (model_dir / "releases").exists() and not (model_dir / "staging").exists(), ep
 
 
+@pytest.mark.heavy
 def test_dry_run_says_will_run_for_each_kind_and_leaves_the_workspace_byte_identical(mlx_ws):
     before = tree_digest(mlx_ws.root)
     proc = deploy(mlx_ws, "mac-dev", "rtx-1", extra=("--dry-run",))
@@ -390,6 +391,7 @@ def test_dry_run_says_will_run_for_each_kind_and_leaves_the_workspace_byte_ident
     assert not (mlx_ws.store / ".cache").exists()
 
 
+@pytest.mark.heavy
 def test_mlx_release_deployed_numpy_only_then_cached_then_a_damaged_entry_is_rebuilt(mlx_ws):
     proc = deploy(mlx_ws, "mac-dev")
     assert "fidelity not checked (fidelity: false in the config)" in proc.stderr
@@ -454,6 +456,7 @@ def test_mlx_release_deployed_numpy_only_then_cached_then_a_damaged_entry_is_reb
     assert [r["convert"] for r in converts][-1].startswith("rebuilt") and len(converts) == 2
 
 
+@pytest.mark.heavy
 def test_health_command_that_reads_peft_files_fails_an_mlx_release_and_active_is_untouched(numpy_only):
     """demo_translator reads adapter_model.safetensors, which an MLX release does not have."""
     base = make_base(numpy_only.root / "base")
@@ -470,6 +473,7 @@ def test_health_command_that_reads_peft_files_fails_an_mlx_release_and_active_is
     assert (line["status"], line["convert"]) == ("aborted", "built")
 
 
+@pytest.mark.heavy
 def test_mlx_adapter_below_the_last_layer_is_padded_from_base_dir_even_without_fidelity(mlx_ws):
     base = make_base(mlx_ws.root / "four layers", layers=4)
     configure(mlx_ws, base_dir=base, convert="{mlx: {format: adapter, fidelity: false}}")
@@ -483,6 +487,7 @@ def test_mlx_adapter_below_the_last_layer_is_padded_from_base_dir_even_without_f
 # --- refused before any transfer ------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_missing_base_dir_is_one_line_before_any_transfer(numpy_only):
     missing = numpy_only.root / "no such base"
     configure(numpy_only, base_dir=missing, convert=None)
@@ -494,6 +499,7 @@ def test_missing_base_dir_is_one_line_before_any_transfer(numpy_only):
     assert tree_digest(numpy_only.root) == before
 
 
+@pytest.mark.heavy
 def test_base_of_another_hidden_size_is_one_line_before_any_transfer(numpy_only):
     other = make_base(numpy_only.root / "other base", hidden=128)
     configure(numpy_only, base_dir=other, convert=None)
@@ -504,6 +510,7 @@ def test_base_of_another_hidden_size_is_one_line_before_any_transfer(numpy_only)
     assert tree_digest(numpy_only.root) == before
 
 
+@pytest.mark.heavy
 def test_gguf_default_without_base_dir_names_the_key_and_convert_peft(numpy_only):
     configure(numpy_only, base_dir=None, convert=None)
     before = tree_digest(numpy_only.root)
@@ -516,6 +523,7 @@ def test_gguf_default_without_base_dir_names_the_key_and_convert_peft(numpy_only
     assert tree_digest(numpy_only.root) == before
 
 
+@pytest.mark.heavy
 def test_model_level_lora_without_the_endpoints_base_gguf_is_one_line_before_any_transfer(numpy_only):
     base = make_base(numpy_only.root / "base")
     configure(numpy_only, base_dir=base, convert="{gguf: {format: lora, fidelity: false}}")
@@ -529,6 +537,7 @@ def test_model_level_lora_without_the_endpoints_base_gguf_is_one_line_before_any
 # --- adapterctl convert -------------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_convert_without_a_registered_version_names_register(workspace):
     proc = workspace.cli("convert", "--models", MODEL)
     assert_one_line_error(proc, f"model {MODEL} has no registered version to convert")
@@ -546,6 +555,7 @@ def test_base_model_that_names_a_directory_here_is_the_base_dir(tmp_path):
     assert named.models["x"].base_dir is None  # a hub name is a name, never a download
 
 
+@pytest.mark.heavy
 def test_prune_keeps_the_newest_keep_releases_versions_and_live_builds(mlx_ws):
     """keep_releases 2 (the workspace's default is 5): three cycles converted, the oldest entry goes;
     a dead run's scratch dir goes, a live one (this test's own pid) stays; dry run removes nothing."""
@@ -575,6 +585,7 @@ def test_prune_keeps_the_newest_keep_releases_versions_and_live_builds(mlx_ws):
     assert "cached" in again.stdout  # the newest version's entry was kept
 
 
+@pytest.mark.heavy
 def test_sigusr1_reload_of_an_mlx_release_is_confirmed_with_the_versions_sha(mlx_ws):
     """The serving helper verifies and reports a converted release (no adapter_model.safetensors in it)
     under the version's identity, so adapterctl confirms the reload against the manifest."""
@@ -591,6 +602,7 @@ def test_sigusr1_reload_of_an_mlx_release_is_confirmed_with_the_versions_sha(mlx
     assert (line["status"], line["convert"]) == ("success", "built")
 
 
+@pytest.mark.heavy
 def test_conversion_runs_before_the_endpoint_is_locked(mlx_ws):
     """A conversion can take minutes on a real model: the endpoint is not held locked meanwhile."""
     plan = json.loads(deploy(mlx_ws, "mac-dev", extra=("--dry-run", "--json")).stdout)

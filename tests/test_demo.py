@@ -101,6 +101,7 @@ def test_demo_without_mlx_converts_but_says_the_fidelity_check_needs_it(tmp_path
     assert "exit 0 — as expected" in deploy1
 
 
+@pytest.mark.heavy
 def test_demo_stand_in_when_forced(tmp_path):
     proc = run_demo(tmp_path / "ws", **{STANDIN_ENV: "1"})
     out = proc.stdout
@@ -113,6 +114,7 @@ def test_demo_stand_in_when_forced(tmp_path):
     assert_process_gone(pid)
 
 
+@pytest.mark.heavy
 def test_demo_without_the_model_extra_says_how_to_get_the_real_model(tmp_path):
     # torch unimportable, as after the README's `pip install -e .`
     proc = run_demo(tmp_path / "ws", python_prelude="import sys; sys.modules['torch'] = None")
@@ -124,6 +126,7 @@ def test_demo_without_the_model_extra_says_how_to_get_the_real_model(tmp_path):
     assert "UNEXPECTED" not in out
 
 
+@pytest.mark.heavy
 def test_demo_refuses_a_directory_that_is_not_empty(tmp_path):
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "keep.txt").write_text("mine\n")

@@ -19,6 +19,8 @@ from conftest import MODEL, Workspace, tree_digest, write_config
 import adapterctl
 from adapterctl.demo import write_bfloat16
 
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess and the serving stand-in
+
 BOTH = ("--endpoints", "mac-dev", "rtx-1")
 DATA = Path(__file__).parent / "data"
 LIVE_FAILS = [sys.executable, str(DATA / "e2e_live_fails.py"), "{release}"]

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import MODEL, TRANSLATOR, assert_one_line_error
 
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess
+
 ECHO_BASE = [sys.executable, str(Path(__file__).parent / "data" / "translator.py"), "echo"]  # untuned: echoes
 BOTH = ("--endpoints", "mac-dev", "rtx-1")
 PROMPT = "The apostle James wrote about faith and works."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -178,6 +179,7 @@ def test_invalid_suites_are_config_errors_with_file_and_line(tmp_path, text, exp
 # -- running the default suite ------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_default_suite_passes_with_correct_spanish_translations():
     result = run_suite(DEFAULT, translator("good"), target_for())
     assert result.all_passed, format_failures(result)
@@ -186,6 +188,7 @@ def test_default_suite_passes_with_correct_spanish_translations():
     assert result.engine.startswith("command: ") and "good" in result.engine
 
 
+@pytest.mark.heavy
 def test_failing_case_shows_the_actual_output():
     result = run_suite(DEFAULT, translator("wrong"), target_for())
     assert not result.all_passed and result.error is None
@@ -200,6 +203,7 @@ def test_failing_case_shows_the_actual_output():
     assert report["cases"] == 5 and report["all_passed"] is False
 
 
+@pytest.mark.heavy
 def test_fe_inside_cafe_does_not_satisfy_the_word_case():
     result = run_suite(DEFAULT, translator("cafe"), target_for())
     assert [(f.output, f.reason) for f in result.failures] == [
@@ -207,21 +211,25 @@ def test_fe_inside_cafe_does_not_satisfy_the_word_case():
     ]
 
 
+@pytest.mark.heavy
 def test_slow_answer_fails_the_latency_limit():
     suite = HealthSuite(
         "quick",
         (
-            HealthCase("Amen.", Expectation(non_empty=True), None),
-            HealthCase("slow one", Expectation(non_empty=True), None),
-            HealthCase("slow one", Expectation(non_empty=True), max_latency_s=2.0),
+            # the first answer includes the program's start-up: its own limit, loose for a loaded machine
+            HealthCase("Amen.", Expectation(non_empty=True), max_latency_s=30.0),
+            HealthCase("slow one", Expectation(non_empty=True), None),  # the suite's 0.2 s
+            HealthCase("slow one", Expectation(non_empty=True), max_latency_s=30.0),
         ),
         max_latency_s=0.2,
     )
     result = run_suite(suite, translator("slow", "slow one", "0.4"), target_for())
     assert [c.passed for c in result.cases] == [True, False, True]
-    assert result.cases[1].reason.startswith("took 0.") and result.cases[1].reason.endswith(" s > 0.20 s")
+    took = re.fullmatch(r"took (\d+\.\d\d) s > 0\.20 s", result.cases[1].reason)
+    assert took and float(took[1]) >= 0.4, result.cases[1].reason  # it slept 0.4 s: no load makes it faster
 
 
+@pytest.mark.heavy
 def test_latency_percentiles_use_nearest_rank_on_the_injected_clock():
     ticks = iter([0.0, 0.010, 1.0, 1.030, 2.0, 2.020, 3.0, 3.040, 4.0, 4.500])
     result = run_suite(DEFAULT, translator("good"), target_for(), clock=lambda: next(ticks))
@@ -232,6 +240,7 @@ def test_latency_percentiles_use_nearest_rank_on_the_injected_clock():
 # -- engine failures ----------------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_engine_crash_mid_suite_gives_an_error_result_and_leaves_no_zombie(tmp_path):
     fds_before = open_fds()
     engine = translator("crash")
@@ -247,26 +256,30 @@ def test_engine_crash_mid_suite_gives_an_error_result_and_leaves_no_zombie(tmp_p
     assert open_fds() == fds_before
 
 
+@pytest.mark.heavy
 def test_engine_that_stops_answering_is_killed_after_its_timeout(tmp_path):
-    engine = translator("hang", timeout_s=0.5)
+    engine = translator("hang", timeout_s=2.0)  # its first answer, start-up included, must beat this
     engine.env["PIDFILE"] = str(tmp_path / "pid")
     with engine:
         engine.start(target_for())
         assert engine.generate("Amen.") == "Amén."
         started = time.monotonic()
-        with pytest.raises(PhaseError, match=r"no output line within 0.5 s \(killed\).*exit code -9"):
+        with pytest.raises(PhaseError, match=r"no output line within 2 s \(killed\).*exit code -9"):
             engine.generate("Amen.")
-        assert time.monotonic() - started < 3
+        # killed at timeout_s, not after the translator's 60 s hang (loose enough for a loaded machine)
+        assert time.monotonic() - started < 10
         with pytest.raises(PhaseError):
             engine.generate("Amen.")  # a failed engine stays failed
     assert_reaped(int((tmp_path / "pid").read_text()))
 
 
+@pytest.mark.heavy
 def test_non_utf8_output_is_an_engine_error():
     with engine_started(translator("binary")) as engine, pytest.raises(PhaseError, match="non-UTF-8"):
         engine.generate("Amen.")
 
 
+@pytest.mark.heavy
 def test_missing_program_is_an_engine_error_not_a_crash():
     engine = CommandEngine(["/nonexistent/translate", "{release}"])
     result = run_suite(DEFAULT, engine, target_for())
@@ -282,6 +295,7 @@ def engine_started(engine: CommandEngine, release: Path | str = "/r") -> Command
 # -- the command template -----------------------------------------------------------------------
 
 
+@pytest.mark.heavy
 def test_placeholders_are_substituted_per_argument_and_passed_in_env(tmp_path):
     release = tmp_path / "rel éase dir"
     argv = [sys.executable, str(TRANSLATOR), "args", "{release}", "--model={model}", "{version}"]
@@ -303,6 +317,7 @@ def test_placeholders_are_substituted_per_argument_and_passed_in_env(tmp_path):
     }
 
 
+@pytest.mark.heavy
 def test_embedded_newlines_in_an_input_are_sent_as_one_line():
     with engine_started(translator("echo")) as engine:
         assert engine.generate("one\ntwo\r\nthree") == "one two three"

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import MODEL, TRANSLATOR
+
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess
 
 RECORDER = [sys.executable, str(Path(__file__).parent / "data" / "e2e_record_release.py"), "{release}"]
 

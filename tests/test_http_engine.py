@@ -106,6 +106,7 @@ def run_one(engine: HttpEngine, text: str = "Amen.") -> str:
 
 
 # -- against the real server ----------------------------------------------------------------------
+@pytest.mark.heavy
 def test_good_adapter_passes_the_default_suite_over_http(serve_release):
     url = serve_release(seed=1)
     engine = make_engine({"engine": "http", "url": url + "/v1/chat/completions", "timeout_s": 5})
@@ -117,6 +118,7 @@ def test_good_adapter_passes_the_default_suite_over_http(serve_release):
     assert [c.output for c in result.cases][0] == "Buenos días, bienvenidos al servicio."
 
 
+@pytest.mark.heavy
 def test_all_zero_lora_b_adapter_fails_the_suite_with_english_outputs(serve_release):
     url = serve_release(seed=2, zero_b=True)
     engine = make_engine({"engine": "http", "url": url + "/v1/chat/completions"})
@@ -128,6 +130,7 @@ def test_all_zero_lora_b_adapter_fails_the_suite_with_english_outputs(serve_rele
     assert "expected any of ['buen', 'servicio']" in result.failures[0].reason
 
 
+@pytest.mark.heavy
 def test_json_mode_reads_the_answer_through_response_path(serve_release):
     url = serve_release(seed=1)
     engine = make_engine(
@@ -143,6 +146,7 @@ def test_json_mode_reads_the_answer_through_response_path(serve_release):
     assert result.all_passed, result.to_dict()
 
 
+@pytest.mark.heavy
 def test_versioned_model_name_checks_identity(serve_release):
     url = serve_release(seed=1)
     wrong = make_engine({"engine": "http", "url": url + "/v1/chat/completions", "model": "{model}@{version}"})
@@ -203,7 +207,8 @@ def test_connection_refused_is_a_phase_error_at_once():
         PhaseError, match=rf"POST http://127.0.0.1:{port}/v1/chat/completions: connection refused"
     ):
         run_one(engine)
-    assert time.monotonic() - started < 2
+    # not waited out: far below the default timeout_s (30 s); loose enough for a loaded machine
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("behaviour", ["hang", "trickle"])
@@ -237,7 +242,8 @@ def test_a_server_that_hangs_or_trickles_is_cut_off_at_timeout_s(tiny, behaviour
         elapsed = time.monotonic() - started
     finally:
         release.set()
-    assert 0.6 < elapsed < 2.5
+    # cut off at timeout_s, not when the server gives up (30 s): the upper bound is loose for a loaded machine
+    assert 0.6 < elapsed < 10
 
 
 # -- configuration ---------------------------------------------------------------------------------

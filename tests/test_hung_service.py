@@ -7,7 +7,10 @@ import os
 import signal
 import time
 
+import pytest
 from conftest import MODEL, write_config
+
+pytestmark = pytest.mark.heavy  # runs the real CLI and the serving stand-in as subprocesses
 
 BOTH = ("--endpoints", "mac-dev")
 

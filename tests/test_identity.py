@@ -3,16 +3,34 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import MODEL, write_config
 
 from adapterctl.demo import stop_process
 
+pytestmark = pytest.mark.heavy  # runs the real CLI and a serving process as subprocesses
+
 STALE = Path(__file__).parent / "data" / "e2e_stale_server.py"
+
+
+def wait_for_report(run: Path, server: subprocess.Popen) -> None:
+    """Wait until `server` wrote loaded.json: it resolved `active` and holds those bytes from now on."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if json.loads((run / "loaded.json").read_text())["pid"] == server.pid:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        assert server.poll() is None, f"the stale server exited with {server.returncode}"
+        assert time.monotonic() < deadline, "the stale server never wrote loaded.json"
+        time.sleep(0.05)
 
 
 def test_a_reload_that_reports_the_new_version_with_stale_bytes_is_rolled_back(workspace):
@@ -26,10 +44,7 @@ def test_a_reload_that_reports_the_new_version_with_stale_bytes_is_rolled_back(w
         stdin=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not (run / "loaded.json").exists():
-            assert time.monotonic() < deadline and server.poll() is None
-            time.sleep(0.05)
+        wait_for_report(run, server)
         # cycle 1: the service had nothing loaded, so its (stale) sha is null: accepted as no claim
         ws.cli("deploy", "--cycle", "1", "--models", MODEL, "-e", "mac-dev", check=0)
         stop_process(server)
@@ -37,7 +52,7 @@ def test_a_reload_that_reports_the_new_version_with_stale_bytes_is_rolled_back(w
             [sys.executable, str(STALE), str(ws.endpoints["mac-dev"]), MODEL, str(run / "serve.pid")],
             stdin=subprocess.DEVNULL,
         )
-        time.sleep(0.5)  # it loads cycle 1's bytes and will keep them
+        wait_for_report(run, server)  # it has loaded cycle 1's bytes and will keep them
         first = ws.active("mac-dev")
         ws.new_adapter(MODEL, "run2", seed=2)
         proc = ws.cli("deploy", "--cycle", "2", "--models", MODEL, "-e", "mac-dev")

@@ -13,6 +13,8 @@ import re
 import pytest
 from conftest import MODEL, assert_one_line_error, tree_digest
 
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess
+
 
 def refused(ws, *args: str, needles=(), anywhere=()) -> str:
     """Run the CLI; it must fail as a one-line usage error and change nothing. Returns stderr."""

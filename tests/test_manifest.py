@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import MODEL, assert_one_line_error, tree_digest
 
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess
+
 WEIGHTS = "adapter_model.safetensors"
 
 

@@ -20,6 +20,8 @@ from conftest import MODEL, assert_one_line_error, tree_digest
 
 from adapterctl import endpoint_ops
 
+pytestmark = pytest.mark.heavy  # runs the real CLI and serving processes as subprocesses
+
 FAKE_SYSTEMCTL = Path(__file__).parent / "data" / "fake_systemctl.py"
 UNIT = "adapterctl-serve"
 MAC = ("--endpoints", "mac-dev", "--models", MODEL)

@@ -7,9 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import MODEL, tree_digest, write_config
 
 import adapterctl
+
+pytestmark = pytest.mark.heavy  # runs the real CLI and the serving stand-in as subprocesses
 
 BOTH = ("--endpoints", "mac-dev", "rtx-1")
 GEMMA = ("--models", MODEL)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from test_serving import MODEL, SENTENCES, _env, _sha, make_release, point_active, wait_for
 
+pytestmark = pytest.mark.heavy  # runs `adapterctl serve` as a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 GOOD_MORNING = "Good morning, welcome to the service."
 
@@ -165,12 +167,13 @@ def test_no_request_fails_during_three_sigusr1_reloads_under_load(adapter_dir, s
     served = serve()
     expected = {good_a: SENTENCES[GOOD_MORNING], good_b: SENTENCES[GOOD_MORNING], noop: GOOD_MORNING}
 
-    max_requests, duration_s = 5000, 3.0
+    max_requests, max_seconds = 20000, 60.0  # caps only: the loop runs until the reloads are done
+    per_version = 5  # answers from each adapter before the next reload (4 x 5 >= the 20 asserted below)
     stop = threading.Event()
     results: list[tuple[float, str | None, str | None]] = []  # (latency s, version, problem)
 
     def load_loop() -> None:
-        deadline = time.monotonic() + duration_s
+        deadline = time.monotonic() + max_seconds
         while not stop.is_set() and time.monotonic() < deadline and len(results) < max_requests:
             started = time.perf_counter()
             version = problem = None
@@ -187,18 +190,34 @@ def test_no_request_fails_during_three_sigusr1_reloads_under_load(adapter_dir, s
                 problem = f"{type(exc).__name__}: {exc}"
             results.append((time.perf_counter() - started, version, problem))
 
+    def wait_for_answers(version: str, since: int) -> None:
+        """Wait until `per_version` requests after results[since] were answered by `version`."""
+
+        def answered() -> bool:
+            if problems := [problem for _, _, problem in results if problem]:
+                raise AssertionError(f"{len(problems)} requests failed, first: {problems[0]}")
+            if not worker.is_alive():
+                raise AssertionError(f"the load loop stopped early after {len(results)} requests")
+            return sum(1 for _, v, _ in results[since:] if v == version) >= per_version
+
+        wait_for(answered, f"{per_version} answers from {version}", timeout=30)
+
     worker = threading.Thread(target=load_loop)
     worker.start()
     try:
         reloads = []
+        serving, mark = good_a, 0
         for version in (noop, good_b, good_a):
-            time.sleep(0.5)
+            wait_for_answers(serving, mark)  # the current adapter answers under load, then it is swapped
+            mark = len(results)
             point_active(adapter_dir, version)
             health = served.reload(version)
             reloads.append((version, health["adapter"]["version_id"], health["last_reload"]["ok"]))
+            serving = version
+        wait_for_answers(serving, mark)
     finally:
-        worker.join(timeout=duration_s + 15)
         stop.set()
+        worker.join(timeout=15)
     assert not worker.is_alive()
 
     failures = [problem for _, _, problem in results if problem]

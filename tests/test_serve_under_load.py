@@ -7,10 +7,13 @@ import json
 import threading
 import time
 
+import pytest
 from conftest import MODEL, write_config
 from test_serve import start_server
 
 from adapterctl.demo import stop_process
+
+pytestmark = pytest.mark.heavy  # runs `adapterctl serve` and the real CLI as subprocesses
 
 MAX_REQUESTS = 20000  # bounded in count and in time
 MAX_SECONDS = 60

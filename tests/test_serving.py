@@ -161,6 +161,7 @@ def start_serving(adapter_dir: Path, tmp_path: Path) -> Iterator[Callable[[], Se
 
 
 # -- the serving process ------------------------------------------------------------------
+@pytest.mark.heavy
 def test_serving_reports_startup_version_then_reloads_new_release_on_sigusr1(adapter_dir, start_serving):
     v1, v2 = make_release(adapter_dir, seed=1, cycle=1), make_release(adapter_dir, seed=2, cycle=2)
     point_active(adapter_dir, v1)
@@ -186,6 +187,7 @@ def test_serving_reports_startup_version_then_reloads_new_release_on_sigusr1(ada
     assert "start" in log and f'reload-ok version_id="{v1}"' in log
 
 
+@pytest.mark.heavy
 def test_serving_keeps_old_adapter_and_reports_error_when_new_release_is_tampered(adapter_dir, start_serving):
     v1, v2 = make_release(adapter_dir, seed=1), make_release(adapter_dir, seed=2, cycle=2)
     point_active(adapter_dir, v1)
@@ -205,6 +207,7 @@ def test_serving_keeps_old_adapter_and_reports_error_when_new_release_is_tampere
     assert serving.proc.poll() is None
 
 
+@pytest.mark.heavy
 def test_serving_starts_on_base_model_without_active_and_reloads_to_base_when_removed(
     adapter_dir, start_serving
 ):
@@ -224,6 +227,7 @@ def test_serving_starts_on_base_model_without_active_and_reloads_to_base_when_re
     assert base["ok"] is True and base["version_id"] is None and base["sha256"] is None
 
 
+@pytest.mark.heavy
 def test_serving_exits_zero_on_sigterm_and_removes_its_pidfile(adapter_dir, start_serving):
     point_active(adapter_dir, make_release(adapter_dir, seed=1))
     serving = start_serving()
@@ -336,6 +340,7 @@ def test_uninstall_leaves_a_pidfile_that_another_process_took_over(adapter_dir, 
     assert pidfile.read_text() == "1\n"
 
 
+@pytest.mark.heavy
 def test_serving_module_imports_without_heavy_dependencies():
     code = "import sys, adapterctl.serving; print(sorted({'numpy', 'safetensors'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=10)
@@ -354,6 +359,7 @@ def run_translator(release_dir: Path, lines: list[str]) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.heavy
 def test_translator_with_trained_adapter_translates_the_five_suite_sentences(tmp_path):
     release = make_adapter(tmp_path / "release ü", seed=1)
     inputs = list(SENTENCES) + ["  good MORNING,   welcome to the service.  ", "The Lord is my shepherd."]
@@ -368,6 +374,7 @@ def test_translator_with_trained_adapter_translates_the_five_suite_sentences(tmp
     ]
 
 
+@pytest.mark.heavy
 def test_translator_with_all_zero_lora_b_echoes_english_like_the_base_model(tmp_path):
     release = make_adapter(tmp_path / "release ü", seed=1, zero_b=True)
 
@@ -377,6 +384,7 @@ def test_translator_with_all_zero_lora_b_echoes_english_like_the_base_model(tmp_
     assert result.stdout.decode("utf-8").splitlines() == list(SENTENCES)
 
 
+@pytest.mark.heavy
 def test_translator_answers_line_by_line_before_eof(tmp_path):
     release = make_adapter(tmp_path / "release", seed=1)
     argv = [sys.executable, "-m", "adapterctl.demo_translator", str(release)]
@@ -393,6 +401,7 @@ def test_translator_answers_line_by_line_before_eof(tmp_path):
             proc.wait(timeout=5)
 
 
+@pytest.mark.heavy
 def test_translator_exits_3_on_an_unreadable_safetensors_file(tmp_path):
     release = make_adapter(tmp_path / "release", seed=1)
     (release / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -403,6 +412,7 @@ def test_translator_exits_3_on_an_unreadable_safetensors_file(tmp_path):
     assert b"cannot read safetensors" in result.stderr and result.stdout == b""
 
 
+@pytest.mark.heavy
 def test_translator_exits_3_when_a_lora_a_has_no_lora_b(tmp_path):
     release = tmp_path / "release"
     release.mkdir()

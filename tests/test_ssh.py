@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import MODEL, TRANSLATOR, Workspace, tree_digest
 
+pytestmark = pytest.mark.heavy  # starts sshd hosts and runs the real CLI as a subprocess
+
 HOSTS = ("mac-1", "linux-1", "linux-2")
 KINDS = {"mac-1": "mlx", "linux-1": "gguf", "linux-2": "gguf"}
 MODELS = (MODEL, "whisper")

@@ -18,9 +18,12 @@ from sshhosts import TestHosts
 SPECS = [("mac-1", True), ("linux-1", False), ("linux-2", False)]
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
-    not (os.geteuid() == 0 and os.access(sshhosts.SSHD, os.X_OK)), reason="needs root and /usr/sbin/sshd"
-)
+pytestmark = [
+    pytest.mark.heavy,  # starts sshd hosts and runs ssh, rsync and the hosts script
+    pytest.mark.skipif(
+        not (os.geteuid() == 0 and os.access(sshhosts.SSHD, os.X_OK)), reason="needs root and /usr/sbin/sshd"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

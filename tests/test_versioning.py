@@ -24,6 +24,8 @@ from safetensors.numpy import save_file
 
 from adapterctl.demo import make_adapter
 
+pytestmark = pytest.mark.heavy  # runs the real CLI as a subprocess
+
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 ID_RE = re.compile(r"^cycle(\d+)_(\d{8})_([0-9a-f]{8})$")
