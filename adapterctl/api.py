@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import shlex
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from adapterctl.config import Config
-from adapterctl.errors import EXIT_FAILURE, AdapterctlError, UsageError, VersionConflict
+from adapterctl.config import (
+    ROLLBACK_TARGETS,
+    Config,
+    _suggest,
+    check_deploy_options,
+    check_parallel,
+    check_rollback_target,
+    split_names,
+)
+from adapterctl.errors import EXIT_FAILURE, AdapterctlError, ConfigError, UsageError, VersionConflict
 from adapterctl.execute import Report, RunContext, execute
 from adapterctl.facts import gather
 from adapterctl.identity import Identity, iso, utc_now
@@ -23,17 +34,7 @@ from adapterctl.transports import open_transport
 from adapterctl.transports.base import Transport
 from adapterctl.versioning import check_existing, inspect_adapter, newest_adapter, version_id
 
-__all__ = ["register_version", "deploy", "rollback", "convert_versions", "status", "read_log"]
-
-
-def split_names(values: Iterable[str] | None) -> list[str]:
-    """Accept repeated flags and space/comma separated lists: ['a b', 'c,d'] → [a, b, c, d]."""
-    out: list[str] = []
-    for v in values or ():
-        for part in v.replace(",", " ").split():
-            if part not in out:
-                out.append(part)
-    return out
+__all__ = ["split_names", "register_version", "deploy", "rollback", "convert_versions", "status", "read_log"]
 
 
 def select_endpoints(cfg: Config, names: list[str]) -> list[str]:
@@ -90,8 +91,12 @@ def resolve_targets(
         check_version_id(version)
         owners = [m for m in (models or manifest.model_of(version)) if manifest.version(m, version)]
         if not owners:
+            known = [
+                v["version_id"] for m in models or manifest.data["versions"] for v in manifest.versions(m)
+            ]
             raise UsageError(
-                f"version {version} is not registered{' for ' + ', '.join(models) if models else ''}",
+                f"version {version} is not registered{' for ' + ', '.join(models) if models else ''}"
+                + _suggest(version, known),
                 "see `adapterctl versions`",
             )
         return [_target_from_entry(cfg, m, manifest.require_version(m, version)) for m in owners]
@@ -105,9 +110,16 @@ def resolve_targets(
     return [_target_from_source(cfg, manifest, m, cycle, clock) for m in models]
 
 
-def _check_health_config(cfg: Config, models: Iterable[str], endpoints: Iterable[str] = ()) -> None:
-    """Load every suite and engine a run will need, so a bad one stops it before anything is written."""
+def _check_health_config(
+    cfg: Config, models: Iterable[str], endpoints: Iterable[str] = (), here: bool = False
+) -> None:
+    """Load every suite and engine a run will need, so a bad one stops it before anything is written.
+
+    A program that runs on this machine (local endpoints; every pre-check with `here`, i.e.
+    --health-local) must be found here; on an SSH endpoint it is not looked for (no connection yet).
+    """
     from adapterctl.health import make_engine, resolve_suite
+    from adapterctl.health.command import CommandEngine
     from adapterctl.plan import health_spec_on
 
     eps = [cfg.endpoints[e] for e in endpoints]
@@ -120,7 +132,56 @@ def _check_health_config(cfg: Config, models: Iterable[str], endpoints: Iterable
                     if spec.engine != "auto":
                         make_engine(asdict(spec))
                     continue
-                make_engine(health_spec_on(cfg.models[m], ep))
+                engine = make_engine(health_spec_on(cfg.models[m], ep))
+                if not (ep.is_local or here):
+                    continue
+                key = "command" if type(engine) is CommandEngine else "python"
+                if isinstance(engine, CommandEngine):
+                    _check_program(cfg, m, ep.name, key, engine.argv_template, spec.env)
+                if spec.base_command and ep.is_local:
+                    _check_program(cfg, m, ep.name, "base_command", spec.base_command, spec.env)
+
+
+def _check_program(cfg: Config, model: str, ep: str, key: str, argv: Iterable[str], env: dict) -> None:
+    """A health program that would run on this machine must exist here (PATH as the command gets it)."""
+    prog = next(iter(argv))
+    if "{" in prog:  # e.g. {release}/run.sh: it exists only once the release does
+        return
+    path = {**os.environ, **env}.get("PATH", os.defpath)
+    if shutil.which(prog, path=path) is None:
+        where = "not an executable file" if os.sep in prog else "not found on PATH"
+        raise ConfigError(
+            f"{cfg.path}: models.{model}.health.{key}: program {prog!r} is {where} on this machine "
+            f"(it runs here for endpoint {ep}); nothing was registered or written",
+            f"install it, or give its absolute path in models.{model}.health.{key}",
+        )
+
+
+def _refuse_missing_parents(cfg: Config, facts: dict[str, Any]) -> None:
+    """adapter_dir is created by the first deploy, its parent never: a missing parent is a typo or an
+    endpoint not set up yet, and both are refused before anything is written."""
+    missing = [
+        n
+        for n, f in facts.items()
+        if not isinstance(f, AdapterctlError) and not f.problem and not f.parent_exists
+    ]
+    if not missing:
+        return
+    eps = [cfg.endpoints[n] for n in missing]
+    parents = [os.path.dirname(ep.adapter_dir) for ep in eps]
+    what = "; ".join(
+        f"endpoint {ep.name}: the parent {p} of adapter_dir {ep.adapter_dir} does not exist"
+        + ("" if ep.is_local else f" on {ep.host}")
+        for ep, p in zip(eps, parents, strict=True)
+    )
+    fix = "; ".join(
+        f"mkdir -p {shlex.quote(p)}" + ("" if ep.is_local else f" on {ep.host}")
+        for ep, p in zip(eps, parents, strict=True)
+    )
+    raise UsageError(
+        f"{what} (a typo in adapter_dir?); it is never created, nothing was written",
+        f"fix adapter_dir in {cfg.path}, or create the directory: {fix}",
+    )
 
 
 @dataclass
@@ -179,8 +240,7 @@ def _plan_and_run(
     opts: RunOptions,
 ) -> Report:
     """Read every endpoint's facts, build the plan from them, then print it or execute exactly it."""
-    if opts.parallel < 1:
-        raise UsageError(f"--parallel must be at least 1, got {opts.parallel}")
+    check_parallel(opts.parallel)
     session = Session.open(cfg, eps, opts.ssh)
     try:
         plan = build(session.facts(models_of, opts.parallel))
@@ -227,30 +287,37 @@ def deploy(
 ) -> Report:
     """Plan a deploy and, unless dry_run, execute exactly that plan. Raises UsageError & co."""
     opts = opts or RunOptions()
+    check_deploy_options(cycle, version, opts.parallel)
     models = [cfg.model(m).name for m in models]
     eps = select_endpoints(cfg, endpoints)
     if canary is not None and canary not in eps:
-        raise UsageError(f"--canary {canary} is not one of the selected endpoints ({', '.join(eps)})")
+        chosen = ", ".join(eps)
+        raise UsageError(
+            f"--canary {canary} is not one of the selected endpoints ({chosen}){_suggest(canary, eps)}"
+        )
     targets = resolve_targets(cfg, models, cycle, version, opts.clock)
     if not any(cfg.endpoints[e].serves(t.model) for t in targets for e in eps):
         raise UsageError(
             f"none of the selected endpoints ({', '.join(eps)}) serves {', '.join(t.model for t in targets)}",
             "check `models:` of those endpoints",
         )
-    _check_health_config(cfg, [t.model for t in targets], eps)
+    _check_health_config(cfg, [t.model for t in targets], eps, opts.health_local)
     return _plan_and_run(
         cfg,
         eps,
         lambda e: [t.model for t in targets if cfg.endpoints[e].serves(t.model)],
-        lambda facts: plan_deploy(
-            cfg,
-            new_deployment_id(opts.clock),
-            targets,
-            facts,
-            cycle=cycle,
-            canary=canary,
-            allow_outage=opts.allow_outage,
-            health_local=opts.health_local,
+        lambda facts: (
+            _refuse_missing_parents(cfg, facts)
+            or plan_deploy(
+                cfg,
+                new_deployment_id(opts.clock),
+                targets,
+                facts,
+                cycle=cycle,
+                canary=canary,
+                allow_outage=opts.allow_outage,
+                health_local=opts.health_local,
+            )
         ),
         opts,
     )
@@ -323,11 +390,17 @@ def rollback(
     Raises UsageError.
     """
     opts = opts or RunOptions()
-    if to not in ("previous", "last-good", "base"):
-        check_version_id(to)
+    check_parallel(opts.parallel)
+    check_rollback_target(to)
     eps = select_endpoints(cfg, endpoints)
-    Manifest.load(cfg.store)  # a corrupt manifest stops the rollback before any endpoint changes
+    manifest = Manifest.load(cfg.store)  # a corrupt manifest stops the rollback before any endpoint changes
     chosen = [cfg.model(m).name for m in models] or list(cfg.models)
+    if to not in ROLLBACK_TARGETS and not any(manifest.version(m, to) for m in chosen):
+        known = [v["version_id"] for m in chosen for v in manifest.versions(m)]
+        raise UsageError(
+            f"--to {to}: no such version of {', '.join(chosen)} in the manifest{_suggest(to, known)}",
+            "see `adapterctl versions`, or use --to previous | last-good | base",
+        )
     pairs = [(e, m) for e in eps for m in chosen if cfg.endpoints[e].serves(m)]
     if not pairs:
         raise UsageError("nothing to roll back: the selected endpoints serve none of the selected models")

@@ -104,8 +104,30 @@ def _config():
     return load_config(find_config(_state["config"], os.environ, Path.cwd(), Path.home()))
 
 
+def _refuse(message: str, hint: str | None = None) -> None:
+    from adapterctl.errors import UsageError
+
+    raise UsageError(message, hint)
+
+
+def _known_endpoint(cfg, name: str, rows: list[dict]) -> None:
+    """`name` is a configured endpoint or one the log mentions; else UsageError with a did-you-mean."""
+    logged = {r.get("endpoint") for r in rows} - {None, ""}
+    if name not in cfg.endpoints and name not in logged:
+        cfg.endpoint(name)  # raises, naming the known endpoints
+
+
+def _names(cfg, models: list[str] | None = None, endpoints: list[str] | None = None) -> None:
+    """Unknown model and endpoint names, refused with a did-you-mean before the pipeline is imported."""
+    for name in _split(models):
+        _run(cfg.model, name)
+    for name in _split(endpoints):
+        if name != "all":
+            _run(cfg.endpoint, name)
+
+
 def _split(values: list[str] | None) -> list[str]:
-    from adapterctl.api import split_names
+    from adapterctl.config import split_names
 
     return split_names(values)
 
@@ -235,9 +257,13 @@ def deploy(
     written; 3 endpoint locked; 4 health check failed before activation, active untouched; 5 verify
     failed after activation, rolled back. With several endpoints the worst outcome decides.
     """
+    from adapterctl.config import check_deploy_options
+
+    _run(check_deploy_options, cycle, version, parallel, all_adapters, _split(models))
+    cfg = _run(_config)  # argument and config errors print before the pipeline is imported
+    _names(cfg, models, endpoints)
     from adapterctl import api
 
-    cfg = _run(_config)
     chosen = list(cfg.models) if all_adapters else _split(models)
     board = None if as_json else _board()
 
@@ -310,9 +336,13 @@ def convert(
     are. Every conversion is checked against the PEFT original on the model's health suite and
     cached under the store's .cache/convert/ by content key; a deploy reuses it. Touches no endpoint.
     """
+    from adapterctl.config import check_deploy_options
+
+    _run(check_deploy_options, None, None, 1, all_adapters, _split(models))
+    cfg = _run(_config)
+    _names(cfg, models, endpoints)
     from adapterctl import api
 
-    cfg = _run(_config)
     if prune:
         from adapterctl.plan import human_bytes
 
@@ -357,9 +387,14 @@ def rollback(
     Exit codes: 0 rolled back; 1 a step failed (e.g. the service did not reload, or the release
     fails its health check: the rollback stands); 2 nothing to roll back to, or bad input; 3 locked.
     """
+    from adapterctl.config import check_parallel, check_rollback_target
+
+    _run(check_parallel, parallel)
+    _run(check_rollback_target, to)
+    cfg = _run(_config)
+    _names(cfg, models, endpoints)
     from adapterctl import api
 
-    cfg = _run(_config)
     opts = api.RunOptions(
         dry_run=dry_run,
         break_lock=break_lock,
@@ -378,9 +413,10 @@ def rollback(
 @app.command()
 def status(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
     """What each endpoint runs now: active/previous releases, health, drift from status.json."""
+    cfg = _run(_config)
+    _names(cfg, endpoints=endpoints)
     from adapterctl import api
 
-    cfg = _run(_config)
     rows = _run(api.status, cfg, _split(endpoints), _ssh())
     unreachable = [r for r in rows if r.get("error")]
     if as_json:
@@ -433,9 +469,10 @@ def doctor(endpoints: EndpointsOpt = None, as_json: JsonOpt = False) -> None:
     """Check each endpoint can take a deploy (login, host key, python3, rsync, disk, service); say the fix."""
     from dataclasses import asdict
 
+    cfg = _run(_config)
+    _names(cfg, endpoints=endpoints)
     from adapterctl.doctor import doctor as run_doctor
 
-    cfg = _run(_config)
     checks = _run(run_doctor, cfg, _split(endpoints), _ssh())
     if as_json:
         out.print_json(json.dumps([asdict(c) for c in checks]))
@@ -465,10 +502,11 @@ def gc(
     """
     from dataclasses import asdict
 
+    cfg = _run(_config)
+    _names(cfg, endpoints=endpoints)
     from adapterctl import api
     from adapterctl.steps import human_bytes
 
-    cfg = _run(_config)
     opts = api.RunOptions(break_lock=break_lock, progress=_progress, command=" ".join(sys.argv))
     items, errors = _run(api.gc, cfg, _split(endpoints), _ssh(), dry_run, opts)
     if as_json:
@@ -502,7 +540,7 @@ def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
         out.print_json(json.dumps(rows, default=str))
         return
     table = Table(title=f"versions in {manifest.path}")
-    for col in ("model", "version", "created", "size", "dtype", "final_loss", "source"):
+    for col in ("model", "version", "created", "size", "dtype", "features", "final_loss", "source"):
         table.add_column(col, overflow="fold")
     for v in rows:
         metrics = v.get("training_metrics")
@@ -514,10 +552,26 @@ def versions(models: ModelsOpt = None, as_json: JsonOpt = False) -> None:
             v["created"],
             f"{v['size_bytes']:,}",
             v.get("dtype", "?"),
+            _features_text(v.get("features")),
             "-" if loss is None else str(loss),
             v["provenance"]["source_path"],
         )
     out.print(table)
+
+
+def _features_text(features: Any) -> str:
+    """PEFT features beyond plain LoRA, e.g. "dora, bias=all" ("lora": none; "?": not recorded)."""
+    if not isinstance(features, dict):
+        return "?"
+    words = [name for key, name in (("use_dora", "dora"), ("use_rslora", "rslora")) if features.get(key)]
+    if features.get("modules_to_save"):
+        words.append("modules_to_save=" + ",".join(map(str, features["modules_to_save"])))
+    if features.get("bias", "none") != "none":
+        words.append(f"bias={features['bias']}")
+    words += [
+        f"{key}({len(features[key])})" for key in ("rank_pattern", "alpha_pattern") if features.get(key)
+    ]
+    return ", ".join(words) or "lora"
 
 
 @app.command()
@@ -532,12 +586,15 @@ def register(
     ] = None,
 ) -> None:
     """Validate, hash and store an adapter in the manifest (the version phase alone)."""
+    from adapterctl.names import check_cycle
+
+    _run(check_cycle, cycle)
+    cfg = _run(_config)
+    m = _run(cfg.model, model)
     from adapterctl import api
     from adapterctl.identity import Identity, utc_now
     from adapterctl.versioning import newest_adapter
 
-    cfg = _run(_config)
-    m = _run(cfg.model, model)
     src = path or _run(newest_adapter, m.source)
     vid, created = _run(api.register_version, cfg, m.name, src, cycle, utc_now, Identity.current())
     out.print(vid)
@@ -554,10 +611,16 @@ def log_(
     as_json: JsonOpt = False,
 ) -> None:
     """Recent entries of deploy_log.jsonl."""
+    if limit < 0:
+        _run(_refuse, f"--limit must be 0 (all) or a positive number of entries, got {limit}")
+    cfg = _run(_config)
     from adapterctl import api
 
-    cfg = _run(_config)
-    rows = api.read_log(cfg, endpoint, limit)
+    rows = _run(api.read_log, cfg, None, 0)
+    if endpoint is not None:
+        _run(_known_endpoint, cfg, endpoint, rows)
+        rows = [r for r in rows if r.get("endpoint") == endpoint]
+    rows = rows[-limit:] if limit else rows
     if as_json:
         out.print_json(json.dumps(rows, default=str))
         return

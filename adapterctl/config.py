@@ -157,6 +157,11 @@ def find_config(explicit: str | None, env: Mapping[str, str], cwd: Path, home: P
     home/.config/adapterctl/. Raises ConfigError for a missing explicit/env path or when nothing is found."""
     cwd = Path(os.path.abspath(cwd))
     for value, origin in ((explicit, "--config"), (env.get(ENV_VAR), f"${ENV_VAR}")):
+        if value is not None and not value.strip():  # never a silent fallback to another config
+            raise ConfigError(
+                f"{origin} is empty: no config file given",
+                f"give the path of an adapterctl.yaml{' or unset it' if origin != '--config' else ''}",
+            )
         if value:
             path = cwd / Path(value).expanduser()
             if not path.is_file():
@@ -480,6 +485,13 @@ def _health(r: _Reader, node: Node, path: str) -> HealthSpec:
                 and not (spec.engine == "auto" and engine in ("mlx", "llamacpp"))
             ):
                 raise r.error(nodes[key], f"{path}.{key}", f"only used when engine is {engine!r}")
+    if spec.suite == "none" and "command" in nodes:
+        raise r.error(
+            nodes["command"],
+            f"{path}.command",
+            "suite is 'none', so this command would never run",
+            "give a suite (e.g. suite: translation_en_es) or remove the command",
+        )
     if spec.engine == "command" and spec.suite != "none" and spec.command is None:
         raise r.error(node, f"{path}.command", "required when engine is 'command' and suite is not 'none'")
     if spec.engine == "mlx" and spec.suite != "none" and spec.base is None:
@@ -699,3 +711,62 @@ def _lookup(kind: str, name: str, table: Mapping[str, Any], path: Path):
         f"unknown {kind} {name!r}{_suggest(name, table)} (known {kind}s: {', '.join(table) or 'none'})",
         f"{kind}s are defined in {path}",
     )
+
+
+# --- command-line arguments (decided before anything heavy is imported or any endpoint contacted) ---
+
+
+def split_names(values: Iterable[str] | None) -> list[str]:
+    """Accept repeated flags and space/comma separated lists: ['a b', 'c,d'] → [a, b, c, d]."""
+    out: list[str] = []
+    for v in values or ():
+        for part in v.replace(",", " ").split():
+            if part not in out:
+                out.append(part)
+    return out
+
+
+def check_parallel(parallel: int) -> None:
+    if parallel < 1:
+        raise UsageError(
+            f"--parallel must be at least 1, got {parallel}", "it is how many endpoints run at once"
+        )
+
+
+def check_deploy_options(
+    cycle: int | None,
+    version: str | None,
+    parallel: int,
+    all_adapters: bool = False,
+    models: Iterable[str] = (),
+) -> None:
+    """Refuse deploy options that cannot mean anything together. Raises UsageError."""
+    check_parallel(parallel)
+    if cycle is not None and version is not None:
+        raise UsageError(
+            "--cycle and --version cannot be used together: --cycle registers the newest adapter, "
+            "--version deploys one that is already registered",
+            "drop one of them",
+        )
+    if all_adapters and list(models):
+        raise UsageError("--all-adapters and --models cannot be used together", "drop one of them")
+    from adapterctl.names import check_cycle, check_version_id
+
+    if cycle is not None:
+        check_cycle(cycle)
+    if version is not None:
+        check_version_id(version)
+
+
+ROLLBACK_TARGETS = ("previous", "last-good", "base")
+
+
+def check_rollback_target(to: str) -> None:
+    """`rollback --to`: previous, last-good, base or a well-formed version id. Raises UsageError."""
+    from adapterctl.names import check_version_id
+
+    if to not in ROLLBACK_TARGETS:
+        try:
+            check_version_id(to)
+        except UsageError as exc:
+            raise UsageError(f"--to: {exc.message}{_suggest(to, ROLLBACK_TARGETS)}", exc.hint) from None

@@ -358,6 +358,7 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
     free, writable = _free_bytes(adapter_dir)
     out = {
         "adapter_dir_exists": os.path.isdir(adapter_dir),
+        "parent_exists": os.path.isdir(os.path.dirname(os.path.abspath(adapter_dir))),
         "writable": writable,
         "free_bytes": free,
         "python": sys.version.split()[0],

@@ -123,6 +123,7 @@ class EndpointFacts:
     base_gguf: Mapping[str, Any] | None = field(default=None, hash=False)
     problem: str | None = None
     adapter_dir: str = ""
+    parent_exists: bool = True  # adapter_dir's parent: never created by a deploy (only adapter_dir is)
 
     def model_status(self, model: str) -> Mapping[str, Any]:
         return ((self.status or {}).get("models") or {}).get(model) or {}
@@ -200,6 +201,7 @@ def parse(name: str, raw: Mapping[str, Any], adapter_dir: str = "") -> EndpointF
         base_gguf=raw.get("base_gguf"),
         problem=raw.get("problem"),
         adapter_dir=adapter_dir,
+        parent_exists=bool(raw.get("parent_exists", True)),
     )
 
 

@@ -662,7 +662,8 @@ def endpoint_deploy_plan(
                 "not deployed again in this run"
             )
             continue
-        if recovery is not None and recovery.model == t.model:  # its facts change with the recovery
+        moving = recovery is not None and recovery.state.action not in ("abandon", "commit")
+        if moving and recovery.model == t.model:  # the recovery moves its links: plan it from the result
             notes.append(
                 f"{ep.name}: {t.model} is planned again from the endpoint's state once the interrupted "
                 "command is finished"

@@ -11,7 +11,14 @@ from adapterctl.errors import UsageError, VersionConflict
 from adapterctl.identity import Identity, iso
 from adapterctl.manifest import locked
 from adapterctl.names import check_cycle
-from adapterctl.versioning import check_existing, inspect_adapter, manifest_entry, store_copy, version_id
+from adapterctl.versioning import (
+    check_existing,
+    inspect_adapter,
+    manifest_entry,
+    report_not_shipped,
+    store_copy,
+    version_id,
+)
 
 
 def register_version(
@@ -37,6 +44,7 @@ def register_version(
         check_existing(model, existing, info)
         if existing:
             store_copy(cfg.store, model, existing["version_id"], info)  # heal a missing store dir
+            report_not_shipped(info)
             return existing["version_id"], False
         vid = version_id(cycle, clock(), info.sha256)
         if expect is not None and expect.version_id != vid:
@@ -52,4 +60,5 @@ def register_version(
         manifest.add_version(
             model, manifest_entry(info, vid, cycle, iso(clock()), f"{identity.user}@{identity.host}")
         )
-        return vid, True
+    report_not_shipped(info)
+    return vid, True

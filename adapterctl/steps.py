@@ -21,6 +21,7 @@ from adapterctl.identity import Identity, iso
 from adapterctl.outcome import Outcome
 from adapterctl.reload import ReloadDriver, Trigger
 from adapterctl.transports.base import Transport
+from adapterctl.units import human_bytes
 
 Files = tuple[tuple[str, str], ...]  # (relative path, sha256), sorted: a frozen file map
 LIVE_ENGINES = ("http",)  # engines that query the running service: they can only verify after activation
@@ -28,15 +29,6 @@ LIVE_ENGINES = ("http",)  # engines that query the running service: they can onl
 
 def frozen_files(files: Mapping[str, str] | None) -> Files | None:
     return None if files is None else tuple(sorted(files.items()))
-
-
-def human_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 # -- what steps run with ---------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def write_config(
     base_model: local/tiny-whisper
     convert: peft
 """
+    for parent in ("mac dev é", "rtx-1 ü"):  # set up like a real endpoint: adapter_dir's parent exists
+        (ws_root / "endpoints" / parent).mkdir(parents=True, exist_ok=True)
     cfg = ws_root / "adapterctl.yaml"
     cfg.write_text(
         f"""\

@@ -528,7 +528,7 @@ def test_cwd_wins_over_parent_and_home(places):
 
 def test_nearest_parent_is_found_from_a_subdirectory(places):
     places["cwd"].unlink()
-    assert find(places, env={"ADAPTERCTL_CONFIG": ""}) == places["parent"]
+    assert find(places, env={}) == places["parent"]
 
 
 def test_home_config_is_the_last_resort(places):
@@ -560,3 +560,101 @@ def test_nothing_found_lists_every_place_searched_and_how_to_start(places):
     for searched in (places["cwd"], places["parent"], places["home"], Path("/adapterctl.yaml")):
         assert str(searched) in message
     assert "adapterctl demo" in message and "manifests/adapterctl.example.yaml" in message
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_config_flag_is_an_error_never_a_fallback(places, value):
+    with pytest.raises(ConfigError, match=r"^--config is empty"):
+        find(places, explicit=value)
+
+
+def test_empty_env_config_is_an_error_never_a_fallback(places):
+    with pytest.raises(ConfigError, match=r"^\$ADAPTERCTL_CONFIG is empty"):
+        find(places, env={"ADAPTERCTL_CONFIG": ""})
+
+
+def test_config_flag_that_is_a_directory_is_named(places):
+    with pytest.raises(ConfigError, match=r"is a directory, not a file"):
+        find(places, explicit=str(places["cwd_dir"]))
+
+
+# --- contradictions in a health section ------------------------------------------------------
+
+
+def test_suite_none_with_a_command_is_a_contradiction_with_file_and_line(cfg_dir):
+    message = config_error(cfg_dir, md("    health:\n      suite: none\n      command: [python3, t.py]\n"))
+    assert ":12: models.gemma_4b.health.command: suite is 'none'" in message
+    assert "remove the command" in message
+
+
+def test_suite_none_alone_and_a_suite_with_a_command_still_load(cfg_dir):
+    assert load_config(write(cfg_dir, md("    health:\n      suite: none\n"))).model("gemma_4b").health
+    text = md("    health:\n      suite: translation_en_es\n      command: [python3, t.py]\n")
+    assert load_config(write(cfg_dir, text)).model("gemma_4b").health.command == ("python3", "t.py")
+
+
+# --- option combinations (checked before the config is read) ---------------------------------
+
+
+def test_option_combinations_that_mean_nothing_are_refused():
+    from adapterctl.config import check_deploy_options, check_parallel
+
+    with pytest.raises(UsageError, match="--cycle and --version cannot be used together"):
+        check_deploy_options(1, "cycle1_20260101_aaaaaaaa", 4)
+    with pytest.raises(UsageError, match="--all-adapters and --models"):
+        check_deploy_options(1, None, 4, True, ["gemma_4b"])
+    for bad in (0, -3):
+        with pytest.raises(UsageError, match=f"--parallel must be at least 1, got {bad}"):
+            check_parallel(bad)
+    check_deploy_options(1, None, 1, True, [])
+    check_deploy_options(None, "cycle1_20260101_aaaaaaaa", 8, False, ["gemma_4b"])
+
+
+# --- checks made before anything is written (api) ---------------------------------------------
+
+
+def _health_cfg(cfg_dir: Path, command: str, host: str = "local", adapter_dir: str = "ep/adapters"):
+    text = ep(replace={"host: mac-dev": f"host: {host}", "/srv/adapters": adapter_dir}) + (
+        f"    health:\n      command: {command}\n"
+    )
+    return load_config(write(cfg_dir, text))
+
+
+def test_a_health_program_missing_here_is_a_config_error_for_a_local_endpoint(cfg_dir):
+    from adapterctl.api import _check_health_config
+
+    cfg = _health_cfg(cfg_dir, "[no-such-program-x, '{release}']")
+    with pytest.raises(ConfigError, match=r"models\.gemma_4b\.health\.command: program 'no-such-program-x'"):
+        _check_health_config(cfg, ["gemma_4b"], ["mac-dev"])
+    _check_health_config(_health_cfg(cfg_dir, "[python3, t.py]"), ["gemma_4b"], ["mac-dev"])
+    _check_health_config(_health_cfg(cfg_dir, "['{release}/run', x]"), ["gemma_4b"], ["mac-dev"])
+
+
+def test_a_health_program_is_not_looked_for_on_an_ssh_endpoint_unless_it_runs_here(cfg_dir):
+    from adapterctl.api import _check_health_config
+
+    cfg = _health_cfg(cfg_dir, "[no-such-program-x]", host="mac-dev", adapter_dir="/srv/adapters")
+    _check_health_config(cfg, ["gemma_4b"], ["mac-dev"])  # it runs on the endpoint: not checked here
+    with pytest.raises(ConfigError, match="no-such-program-x"):
+        _check_health_config(cfg, ["gemma_4b"], ["mac-dev"], here=True)  # --health-local
+
+
+def test_a_missing_adapter_dir_parent_is_refused_naming_endpoint_path_and_fix(cfg_dir):
+    from adapterctl.api import _refuse_missing_parents
+    from adapterctl.facts import parse
+
+    cfg = load_config(write(cfg_dir, ep()))
+    _refuse_missing_parents(cfg, {"mac-dev": parse("mac-dev", {"parent_exists": True})})
+    _refuse_missing_parents(cfg, {"mac-dev": parse("mac-dev", {"problem": "a file is in the way"})})
+    with pytest.raises(
+        UsageError, match="parent /srv of adapter_dir /srv/adapters does not exist on mac-dev"
+    ):
+        _refuse_missing_parents(cfg, {"mac-dev": parse("mac-dev", {"parent_exists": False})})
+
+
+def test_endpoint_facts_say_whether_adapter_dir_parent_exists(tmp_path):
+    from adapterctl.endpoint_ops import facts
+
+    assert facts(str(tmp_path / "adapters"), [])["parent_exists"] is True
+    assert facts(str(tmp_path / "typo" / "adapters"), [])["parent_exists"] is False
+    assert not (tmp_path / "typo").exists()

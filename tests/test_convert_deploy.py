@@ -113,6 +113,8 @@ def ws(tmp_path, ssh_hosts, tiny_parts):
     root.mkdir()
     tag = f"t-{uuid.uuid4().hex[:12]}"
     dirs = {alias: ssh_hosts.hosts[alias].root / tag / "adapters" for alias in KINDS}
+    for d in dirs.values():  # set up like a real endpoint: adapter_dir's parent exists (it is never created)
+        d.parent.mkdir(parents=True, exist_ok=True)
     w = SSHWorkspace(
         root=root,
         config=_config(root, dirs, tiny_parts["base"]),

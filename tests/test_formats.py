@@ -310,3 +310,124 @@ def test_without_the_gguf_package_the_error_names_the_extra(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
     with pytest.raises(ImportError, match=r"pip install -e '\.\[gguf\]'"):
         gguf_format.tensor_infos(tmp_path / "m.gguf")
+
+
+# -- strict JSON and the single read pass of the version phase (issue 12) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('{"lora_alpha": NaN}', "NaN"),
+        ('{"lora_alpha": Infinity}', "Infinity"),
+        ('{"a": [1, -Infinity]}', "-Infinity"),
+        ('{"lora_alpha": 1e999}', "1e999"),
+        ('{"r": 8, "r": 16}', "'r' appears twice"),
+        ('{"rank_pattern": {"q": 1, "q": 2}}', "'q' appears twice"),
+    ],
+)
+def test_strict_json_refuses_what_python_json_accepts_but_json_does_not(text, needle):
+    json.loads(text)  # Python's json takes all of these
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[")) as exc:
+        peft.strict_json(text)
+    assert needle in str(exc.value)
+    assert peft.strict_json('{"a": [1.5, -2e3, null], "b": {"c": true}}') == {
+        "a": [1.5, -2000.0, None],
+        "b": {"c": True},
+    }
+
+
+def test_features_record_what_downstream_engines_care_about(tmp_path):
+    doc = {**FULL, "use_dora": True, "modules_to_save": ["lm_head"], "rank_pattern": {"v_proj": 4}}
+    assert peft.load(_config(tmp_path, doc)).features() == {
+        "use_dora": True,
+        "use_rslora": False,
+        "modules_to_save": ["lm_head"],
+        "bias": "none",
+        "rank_pattern": {"v_proj": 4},
+        "alpha_pattern": {},
+    }
+
+
+def _weights(path: Path, dtype: str, bad: tuple[str, int, float] | None) -> Path:
+    """Tensors a (5 values: the next one starts unaligned), b (3000: many 64-byte chunks) and c (2)
+    of `dtype`, with `bad` = (tensor, index, value) put in."""
+    arrays = {"a": np.ones(5, np.float32), "b": np.linspace(-1, 1, 3000, dtype=np.float32), "c": np.zeros(2)}
+    if bad is not None:
+        arrays[bad[0]][bad[1]] = bad[2]
+    tensors = {k: (dtype, a.shape, st.encode(a.astype(np.float32), dtype)) for k, a in arrays.items()}
+    st.write(path, tensors, {"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize(
+    ("bad", "found"),
+    [(None, None), (("b", 0, np.nan), "b"), (("b", 2999, -np.inf), "b"), (("c", 1, np.inf), "c")],
+)
+def test_finite_check_reads_each_byte_once_in_the_hashing_pass(tmp_path, dtype, bad, found):
+    import hashlib
+
+    path = _weights(tmp_path / "w.safetensors", dtype, bad)
+    seen = bytearray()
+    with open(path, "rb") as fh:
+        assert st.read_checking_finite(fh, seen.extend, chunk=64) == found
+    data = path.read_bytes()
+    if found is None:  # it read the whole file, in order, each byte once
+        assert bytes(seen) == data
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            st.read_checking_finite(fh, h.update, chunk=4 << 20)
+        assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    else:  # it stopped at the first bad tensor, having read a prefix once
+        assert data.startswith(bytes(seen))
+
+
+def test_scan_ships_the_allowlist_lists_the_rest_and_refuses_any_symlink(tmp_path):
+    import os
+
+    from adapterctl.errors import AdapterInvalid
+    from adapterctl.versioning import scan_adapter_dir
+
+    for name in ("adapter_config.json", "tokenizer.model", "chat_template.jinja", "optimizer.pt", ".env"):
+        (tmp_path / name).write_bytes(b"12345")
+    (tmp_path / "checkpoint-1" / "deep").mkdir(parents=True)
+    (tmp_path / "checkpoint-1" / "deep" / "x.bin").write_bytes(b"1234567")
+    shipped, left = scan_adapter_dir(tmp_path)
+    assert shipped == ["adapter_config.json", "chat_template.jinja", "tokenizer.model"]
+    assert left == [(".env", 5), ("checkpoint-1/", 7), ("optimizer.pt", 5)]
+    os.symlink("/etc/passwd", tmp_path / "checkpoint-1" / "deep" / "passwd")
+    with pytest.raises(AdapterInvalid, match="deep/passwd: is a symlink to /etc/passwd"):
+        scan_adapter_dir(tmp_path)
+
+
+def test_a_file_that_changes_while_it_is_read_is_refused(tmp_path):
+    from adapterctl import versioning
+    from adapterctl.errors import AdapterInvalid
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(b"x" * 1000)
+    fh, before = versioning._open_regular(path)
+    with fh:
+        with open(path, "ab") as writer:  # training is still writing it
+            writer.write(b"more")
+        fh.read()
+        with pytest.raises(AdapterInvalid, match="changed while it was being read"):
+            versioning._check_unchanged(path, fh, before)
+
+
+def test_inspect_adapter_records_features_and_what_is_not_shipped(tmp_path):
+    from adapterctl.demo import make_adapter
+    from adapterctl.errors import AdapterInvalid
+    from adapterctl.versioning import inspect_adapter
+
+    src = make_adapter(tmp_path / "run", seed=1)
+    (src / "optimizer.pt").write_bytes(b"\0" * 100)
+    info = inspect_adapter(src)
+    assert set(info.files) == {"adapter_config.json", "adapter_model.safetensors"}
+    assert info.not_shipped == (("optimizer.pt", 100),)
+    assert info.features["use_dora"] is False and info.features["bias"] == "none"
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps(cfg).replace('"lora_alpha": 16', '"lora_alpha": NaN'))
+    with pytest.raises(AdapterInvalid, match="NaN"):
+        inspect_adapter(src)

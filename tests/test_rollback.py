@@ -131,7 +131,7 @@ def test_rollback_dry_run_changes_nothing_and_shows_its_plan(workspace):
 def test_rollback_reloads_the_serving_process_to_the_rolled_back_version(workspace):
     ws = workspace
     write_config(ws.root, mac_reload="sigusr1", extra_model=True)
-    ws.endpoints["mac-dev"].parent.mkdir(parents=True)
+    ws.endpoints["mac-dev"].parent.mkdir(parents=True, exist_ok=True)
     server = ws.start_server("mac-dev")
     loaded_json = ws.endpoints["mac-dev"].parent / "run" / "loaded.json"
     c1, c2 = deploy_cycles(ws, (1, 2))

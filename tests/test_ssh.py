@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,6 +142,8 @@ def ssh_workspace(workspace: Workspace, ssh_hosts):
     """
     tag = f"t-{uuid.uuid4().hex[:12]}"
     dirs = {alias: ssh_hosts.hosts[alias].root / tag / "adapters" for alias in HOSTS}
+    for d in dirs.values():  # set up like a real endpoint: adapter_dir's parent exists (it is never created)
+        d.parent.mkdir(parents=True, exist_ok=True)
     ws = SSHWorkspace(
         root=workspace.root,
         config=write_ssh_config(workspace.root, {a: str(d) for a, d in dirs.items()}),
@@ -465,7 +468,7 @@ def test_a_deploy_bigger_than_the_remote_free_space_is_refused_before_any_transf
     before = tree_digest(ws.endpoints["linux-2"])
     proc = deploy(ws, 2, "linux-2", models=[MODEL])
     assert proc.returncode == 2, combined(proc)
-    assert "free" in proc.stderr and "2.0 MiB" in proc.stderr
+    assert re.search(r"has [\d.]+ [KM]iB free, this deploy writes [\d.]+ MiB", proc.stderr), proc.stderr
     assert "refusing before any transfer" in proc.stderr
     assert ws.active("linux-2") == v1
     assert tree_digest(ws.endpoints["linux-2"]) == before
@@ -545,7 +548,7 @@ def test_doctor_fails_an_adapter_dir_that_cannot_be_created(ssh_workspace):
     still makes the adapter_dir impossible to create, and doctor must say so (deploy would fail)."""
     ws = ssh_workspace
     parent = ws.endpoints["linux-1"].parent
-    parent.mkdir(parents=True)
+    parent.mkdir(parents=True, exist_ok=True)
     (parent / "not-a-dir").write_text("a file where a directory is needed\n")
     bad_dir = parent / "not-a-dir" / "adapters"
     write_ssh_config(ws.root, {"linux-1": str(bad_dir)})
@@ -596,10 +599,17 @@ def test_two_deploys_at_once_one_proceeds_the_other_exits_3_naming_the_holder(ss
     add_big_adapter(ws, big_adapter, "run2")
     argv = deploy_argv(1, ("linux-2",), [MODEL])
     lock = ws.endpoints["linux-2"] / ".adapterctl.lock"
+    plan = json.loads(ws.cli(*argv, "--dry-run", "--json", check=0).stdout)
+    transfer = next(i for i, s in enumerate(plan["steps"]) if s["action"] == "transfer")
+    gate = ws.root / "gate"
+    ws.env["ADAPTERCTL_FAULT"] = f"pause:{transfer}:before:{gate}"  # the first holds the lock until told
     first = ws.popen(*argv)
+    del ws.env["ADAPTERCTL_FAULT"]
     try:
-        wait_for("it took the endpoint lock", lock.exists, first)
+        wait_for("it took the endpoint lock", Path(f"{gate}.reached").exists, first)
+        assert lock.exists()
         second = ws.cli(*argv)
+        gate.touch()
         text = combined(second)
         assert second.returncode == 3, text
         assert "locked by" in text and f"pid {first.pid}" in text, text

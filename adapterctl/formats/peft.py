@@ -30,6 +30,16 @@ MERGE_UNSUPPORTED = {
 }
 
 
+BIAS_VALUES = ("none", "all", "lora_only")
+
+
+def _check_regex(pattern: str, what: str, bad) -> None:
+    try:
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error as exc:
+        raise bad(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
 class PeftConfigError(ValueError):
     """adapter_config.json is missing, unreadable or not a LoRA config PEFT would load."""
 
@@ -42,14 +52,23 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _positive(value: Any) -> bool:
+    return _number(value) and math.isfinite(value) and value > 0
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def pattern_matches(key: str, module: str) -> bool:
+    """Whether a rank_pattern/alpha_pattern key applies to `module`, as PEFT matches it."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
 
 
 def _pattern_key(pattern: Mapping[str, Any], module: str) -> str | None:
     # peft.utils.other.get_pattern_key: the first key that matches the end of the module's name
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_matches(key, module):
             return key
     return None
 
@@ -111,6 +130,17 @@ class LoraConfig:
             found.append(f"bias {self.bias!r} (only 'none')")
         return found
 
+    def features(self) -> dict[str, Any]:
+        """What decides whether an engine can load the adapter as plain LoRA: recorded per version."""
+        return {
+            "use_dora": self.use_dora,
+            "use_rslora": self.use_rslora,
+            "modules_to_save": list(self.modules_to_save) if self.modules_to_save else None,
+            "bias": self.bias,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+        }
+
     def summary(self) -> dict[str, Any]:
         """The keys a registered version records, as the file has them."""
         keys = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora")
@@ -127,14 +157,48 @@ def load(path: Path | str, *, strict: bool = False) -> LoraConfig:
     path = Path(path)
     cfg_path = path if path.suffix == ".json" else path / CONFIG_FILE
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        text = cfg_path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PeftConfigError(
             cfg_path, "missing", "a PEFT adapter directory needs adapter_config.json"
         ) from None
     except OSError as exc:
         raise PeftConfigError(cfg_path, f"cannot read: {exc}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise PeftConfigError(cfg_path, f"not valid JSON: {exc}") from None
+    return parse(text, cfg_path, strict=strict)
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that refuses what Python's json accepts but JSON does not: NaN, Infinity,
+    -Infinity, numbers too large for a float (1e999), and a key given twice in one object.
+    Raises ValueError (json.JSONDecodeError for plain syntax errors)."""
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON (write a finite number or null)")
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise ValueError(f"key {key!r} appears twice in one object")
+            out[key] = value
+        return out
+
+    def finite_float(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"{literal} is too large for a number")
+        return value
+
+    return json.loads(text, parse_constant=constant, object_pairs_hook=pairs, parse_float=finite_float)
+
+
+def parse(text: str, cfg_path: Path, *, strict: bool = False) -> LoraConfig:
+    """Parse the text of `cfg_path` (see load). Raises PeftConfigError."""
+    try:
+        cfg = strict_json(text)
+    except ValueError as exc:
         raise PeftConfigError(cfg_path, f"not valid JSON: {exc}") from None
     if not isinstance(cfg, dict):
         raise PeftConfigError(cfg_path, "must be a JSON object")
@@ -151,6 +215,8 @@ def load(path: Path | str, *, strict: bool = False) -> LoraConfig:
         raise bad(f"'r' must be a positive integer, got {cfg['r']!r}")
     if not _number(cfg.get("lora_alpha")):
         raise bad(f"'lora_alpha' missing or not a number (got {cfg.get('lora_alpha')!r})")
+    if not _positive(cfg["lora_alpha"]):
+        raise bad(f"'lora_alpha' must be a finite positive number, got {cfg['lora_alpha']!r}")
     targets = cfg.get("target_modules")
     if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
         targets = tuple(targets)
@@ -159,18 +225,30 @@ def load(path: Path | str, *, strict: bool = False) -> LoraConfig:
     if strict and not targets:
         raise bad("'target_modules' missing or empty")
     patterns = {}
-    for key, check, kind in (("rank_pattern", _positive_int, "ranks"), ("alpha_pattern", _number, "alphas")):
+    for key, check, kind in (
+        ("rank_pattern", _positive_int, "ranks (positive integers)"),
+        ("alpha_pattern", _positive, "alphas (finite positive numbers)"),
+    ):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict) or not all(
             isinstance(k, str) and check(v) for k, v in pattern.items()
         ):
             raise bad(f"'{key}' must map module names to {kind}, got {pattern!r}")
+        for k in pattern:
+            _check_regex(k, f"'{key}' key", bad)
         patterns[key] = MappingProxyType(pattern)
+    if isinstance(targets, str):
+        _check_regex(targets, "'target_modules'", bad)
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(f"'{key}' must be true or false, got {cfg[key]!r}")
     modules_to_save = cfg.get("modules_to_save")
-    if isinstance(modules_to_save, list):
+    if isinstance(modules_to_save, list) and all(isinstance(m, str) for m in modules_to_save):
         modules_to_save = tuple(modules_to_save)
+    elif modules_to_save is not None:
+        raise bad(f"'modules_to_save' must be a list of module names or null, got {modules_to_save!r}")
     bias = cfg.get("bias") or "none"
-    if not isinstance(bias, str):
+    if bias not in BIAS_VALUES:
         raise bad(f"'bias' must be 'none', 'all' or 'lora_only', got {bias!r}")
     dropout = cfg.get("lora_dropout") or 0.0
     if not _number(dropout):

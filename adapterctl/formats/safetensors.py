@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 # the float dtypes read as float32; BF16 is read as its 16 raw bits and widened by hand
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
@@ -51,6 +51,63 @@ def read_header(path: Path | str) -> tuple[dict[str, TensorSpec], dict[str, str]
     except Exception as exc:  # SafetensorError, and whatever else the Rust side raises for a bad header
         raise ValueError(f"{path}: safetensors header does not parse: {exc}") from None
     return specs, dict(metadata)
+
+
+# the exponent bits of the 16-bit floats: all set means Inf or NaN (F32 goes through np.isfinite)
+_EXPONENT16 = {"F16": 0x7C00, "BF16": 0x7F80}
+
+
+def read_checking_finite(fh: BinaryIO, update: Callable[[bytes], Any], chunk: int) -> str | None:
+    """Read the open safetensors file `fh` from its start to EOF exactly once, passing every block to
+    `update` (a hash, a copy), and check on the way that every F16/BF16/F32 value is finite.
+
+    Returns the name of the first tensor holding a NaN or an Inf (it stops reading there), or None.
+    Call it on a file `read_header` accepted: raises ValueError when the header does not parse.
+    """
+    import numpy as np
+
+    head = fh.read(8)
+    update(head)
+    raw = fh.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+    update(raw)
+    try:
+        header = json.loads(raw)
+        spans = sorted(
+            (spec["data_offsets"][0], spec["data_offsets"][1], name, spec["dtype"])
+            for name, spec in header.items()
+            if name != "__metadata__"
+        )
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ValueError("safetensors header does not parse") from None
+    pos = 0
+    for begin, end, name, dtype in spans:
+        for _ in _blocks(fh, begin - pos, chunk, update):  # a gap (none in a valid file): hash only
+            pass
+        mask = _EXPONENT16.get(dtype)
+        for block in _blocks(fh, end - max(begin, pos), chunk - chunk % 4, update):
+            if dtype == "F32":
+                bad = not np.isfinite(np.frombuffer(block, "<f4", len(block) // 4)).all()
+            elif mask is not None:  # the largest masked value is the mask itself iff one is Inf/NaN
+                bits = np.frombuffer(block, "<u2", len(block) // 2)
+                bad = bits.size > 0 and int(np.bitwise_and(bits, mask).max()) == mask
+            else:
+                bad = False  # other dtypes are refused from the header before this pass
+            if bad:
+                return name
+        pos = max(pos, end)
+    while block := fh.read(chunk):
+        update(block)
+    return None
+
+
+def _blocks(fh: BinaryIO, n: int, chunk: int, update: Callable[[bytes], Any]) -> Iterator[bytes]:
+    while n > 0:
+        block = fh.read(min(chunk, n))
+        if not block:
+            return
+        update(block)
+        n -= len(block)
+        yield block
 
 
 class SafetensorsFile:
