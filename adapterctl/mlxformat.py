@@ -74,11 +74,7 @@ def _check_config(peft_dir: Path) -> peft.LoraConfig:
         cfg = peft.load(peft_dir)
     except peft.PeftConfigError as exc:
         raise _refuse(peft_dir, f"{PEFT_CONFIG}: {exc.what}") from None
-    blockers = cfg.merge_blockers()
-    if cfg.rank_pattern:
-        blockers.append(f"per-module ranks (rank_pattern {dict(cfg.rank_pattern)!r})")
-    if cfg.alpha_pattern:
-        blockers.append(f"per-module alphas (alpha_pattern {dict(cfg.alpha_pattern)!r})")
+    blockers = cfg.unsupported_by("adapter")
     if blockers:
         raise _refuse(peft_dir, f"{blockers[0]} is not supported")
     return cfg

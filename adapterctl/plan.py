@@ -227,6 +227,25 @@ class ConvertPlanner:
             self.bases[model] = (m.base_dir, base_digest(m.base_dir, self.cfg.store, persist=False), config)
         return self.bases[model]
 
+    def check_features(self, t: Target, ep: EndpointConfig, spec: Any) -> None:
+        """Refuse, before anything is registered or written, an adapter this endpoint's format cannot
+        express (DoRA, modules_to_save, per-module alphas in a GGUF LoRA, …): it would fail late, or go
+        live wrong."""
+        from adapterctl.formats import peft
+
+        source = t.source or t.store_dir
+        try:
+            blockers = peft.load(source).unsupported_by(spec.format)
+        except (OSError, ValueError):
+            return  # registration names what is wrong with the config itself
+        if blockers:
+            raise UsageError(
+                f"endpoint {ep.name} (kind {ep.kind}) gets {t.model} {t.version_id} as a {spec.label}, which "
+                f"cannot express its {'; '.join(blockers)} ({source})",
+                f"ship it as it is to that endpoint (convert: peft for endpoints.{ep.name}, when its engine "
+                "loads PEFT adapters), choose another format, or train without that feature",
+            )
+
     def plan(self, t: Target, ep: EndpointConfig) -> Conversion:
         from adapterctl.convert import Job, fidelity_spec, spec_for
 
@@ -234,6 +253,7 @@ class ConvertPlanner:
         spec = spec_for(m, ep)
         if spec.passthrough:
             return Conversion(spec, None, dict(t.files), t.store_dir, t.size_bytes)
+        self.check_features(t, ep, spec)
         needed = spec.needs_base or spec.fidelity or m.base_dir is not None  # an MLX adapter pads to it
         base_dir, digest, _ = self.base(t.model, t, spec, ep) if needed else (None, None, None)
         fidelity = fidelity_spec(m, self.cfg.path.parent)

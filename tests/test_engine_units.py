@@ -316,3 +316,44 @@ def test_plan_steps_reference_publish_after_transfer(tmp_path):
     actions = [s.action for s in plan.steps]
     assert actions.index("transfer") < actions.index("publish") < actions.index("swap")
     assert isinstance(plan.steps[actions.index("publish")], Publish)
+
+
+@pytest.mark.parametrize(
+    "fmt,extra,refused",
+    [
+        ("adapter", {"use_dora": True}, "DoRA"),
+        ("adapter", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ("adapter", {"rank_pattern": {"v_proj": 4}}, "per-module ranks"),
+        ("fused", {"use_dora": True}, "DoRA"),
+        ("lora", {"alpha_pattern": {"v_proj": 4}}, "per-module alphas"),
+        ("lora", {"use_rslora": True}, "rsLoRA"),
+        ("merged", {"use_dora": True}, None),
+        ("merged", {"alpha_pattern": {"v_proj": 4}}, None),
+    ],
+)
+def test_what_an_endpoints_format_cannot_express_is_refused_at_plan_time(tmp_path, fmt, extra, refused):
+    from adapterctl.demo import make_adapter
+    from adapterctl.errors import UsageError
+
+    kind = "mlx" if fmt in ("adapter", "fused") else "gguf"
+    cfg_path = _config(tmp_path)
+    text = cfg_path.read_text().replace("kind: mlx", f"kind: {kind}")
+    text = text.replace(
+        "    convert: peft\n", f"    convert:\n      {kind}: {{format: {fmt}, fidelity: false}}\n"
+    )
+    cfg_path.write_text(text)
+    src = make_adapter(tmp_path / "src" / "run1", seed=1)
+    config = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps(config | extra))
+    cfg = load_config(cfg_path)
+    target = Target(
+        "m", V2, {"adapter_model.safetensors": "0" * 64}, 100, tmp_path / "store" / "m" / V2, source=src
+    )
+    if refused is None:
+        with pytest.raises(Exception) as exc:  # past the feature check: merged needs the base model
+            plan_deploy(cfg, "d1", [target], {"e1": _facts()})
+        assert "base_dir" in str(exc.value)
+        return
+    with pytest.raises(UsageError) as exc:
+        plan_deploy(cfg, "d1", [target], {"e1": _facts()})
+    assert refused in exc.value.message and "endpoint e1" in exc.value.message

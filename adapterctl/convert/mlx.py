@@ -105,7 +105,7 @@ def _lora_updates(job: Job) -> tuple[dict[str, dict[str, Any]], st.SafetensorsFi
         lora = st.SafetensorsFile(job.source_dir / PEFT_WEIGHTS)
     except (OSError, ValueError) as exc:
         raise _fail(job, f"cannot read the PEFT adapter: {exc}", "re-register the adapter") from None
-    blockers = cfg.merge_blockers()
+    blockers = cfg.unsupported_by("fused")
     if blockers:
         raise _fail(job, f"{blockers[0]} is not supported")
     pairs: dict[str, dict[str, str]] = {}

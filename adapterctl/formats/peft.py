@@ -130,6 +130,24 @@ class LoraConfig:
             found.append(f"bias {self.bias!r} (only 'none')")
         return found
 
+    def unsupported_by(self, fmt: str) -> list[str]:
+        """What the artifact format `fmt` cannot express of this adapter, worded for messages (empty: all).
+
+        adapter (mlx_lm's LoRA: one rank and scale everywhere) and fused (W + scale·B·A) take plain LoRA;
+        merged (PEFT's own merge_and_unload) takes every variant but LoRA biases; lora (llama.cpp's GGUF
+        LoRA) writes one alpha and scales by alpha/r, so per-module alphas and rsLoRA would go live wrong.
+        """
+        if fmt == "merged":
+            return ["LoRA biases (lora_bias: true)"] if self.raw.get("lora_bias") else []
+        found = self.merge_blockers() if fmt in ("adapter", "fused", "lora") else []
+        if fmt == "adapter" and self.rank_pattern:
+            found.append(f"per-module ranks (rank_pattern {dict(self.rank_pattern)!r})")
+        if fmt in ("adapter", "lora") and self.alpha_pattern:
+            found.append(f"per-module alphas (alpha_pattern {dict(self.alpha_pattern)!r})")
+        if fmt == "lora" and self.use_rslora:
+            found.append("rsLoRA scaling (use_rslora: true; llama.cpp scales by alpha/r)")
+        return found
+
     def features(self) -> dict[str, Any]:
         """What decides whether an engine can load the adapter as plain LoRA: recorded per version."""
         return {
