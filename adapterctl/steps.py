@@ -165,6 +165,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class Texted:
+    """A step whose one-line description the planner wrote into its `text` field."""
+
+    def describe(self) -> str:
+        return self.text  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class Register(Step):
     source: str = ""
@@ -192,7 +199,7 @@ class Register(Step):
 
 
 @dataclass(frozen=True)
-class Convert(Step):
+class Convert(Texted, Step):
     key: str | None = None
     spec: Any = None  # convert.ConvertSpec (frozen)
     base_dir: str | None = None
@@ -203,9 +210,6 @@ class Convert(Step):
     text: str = ""
     phase = "convert"
     action = "convert"
-
-    def describe(self) -> str:
-        return self.text
 
     def run(self, ctx: StepContext) -> None:
         """Build (or take from the cache, re-hashed) the artifact this endpoint's kind loads. Endpoints
@@ -324,7 +328,7 @@ class VerifyRelease(Step):
 
 
 @dataclass(frozen=True)
-class Transfer(Step):
+class Transfer(Texted, Step):
     files: Files | None = None  # None: the conversion's output, known once it ran
     key: str | None = None
     src: str | None = None
@@ -339,9 +343,6 @@ class Transfer(Step):
     @property
     def bytes(self) -> int:
         return self.nbytes
-
-    def describe(self) -> str:
-        return self.text
 
     def run(self, ctx: StepContext) -> None:
         from adapterctl.transfer import send_release
@@ -530,7 +531,7 @@ class Reload(Step):
 
 
 @dataclass(frozen=True)
-class Verify(Step):
+class Verify(Texted, Step):
     """Check the live release; in a deploy a failure rolls back (the transaction's compensation)."""
 
     health: HealthPlan | None = None
@@ -541,9 +542,6 @@ class Verify(Step):
     phase = "verify"
     action = "verify"
     journaled = True  # its `done` record is what tells recovery the version was verified
-
-    def describe(self) -> str:
-        return self.text
 
     def run(self, ctx: StepContext) -> None:
         from adapterctl.verify import verify_live
