@@ -454,6 +454,12 @@ def status(cfg: Config, endpoints: list[str], ssh: Any = None) -> list[dict[str,
             health = st.get("health_status")
             if pending is not None:  # a command stopped mid-transaction: say so, and what the next one does
                 health = f"interrupted ({pending.name})"
+            elif mf.broken:  # whatever status.json says, `active` serves nothing complete
+                health = "broken"
+                drift.append(
+                    f"`active` points at {mf.active}, not a complete release there: deploy a version, or "
+                    "rollback --to VERSION|base"
+                )
             active = mf.release(mf.active)
             rows.append(
                 {

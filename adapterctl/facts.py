@@ -39,6 +39,16 @@ class ModelFacts:
     def complete(self) -> list[str]:
         return [r.version_id for r in self.releases if r.complete]
 
+    def usable(self, version: str | None) -> str | None:
+        """`version` if it is a complete release here, else None: a link to a missing or partial release
+        (a dangling `active`) is never a target to keep or return to."""
+        return version if version in self.complete() else None
+
+    @property
+    def broken(self) -> bool:
+        """`active` points at something that is not a complete release (deleted, partial, foreign)."""
+        return self.active is not None and self.usable(self.active) is None
+
     def newest(self) -> Release | None:
         done = [r for r in self.releases if r.complete]
         return max(done, key=lambda r: r.mtime) if done else None

@@ -625,9 +625,14 @@ def _deploy_txn(
         if warn:
             notes.append(f"{ep.name}: warning: {warn} — activation will stop before the swap")
         steps.append(CheckService(*base, pidfile=ep.pidfile, now=summary))
-    old_a, old_p = mf.active, mf.previous
-    restore_a = _rollback_choice(facts, mf, t, old_a)
-    steps += _activation(ep, t.model, t.version_id, old_a, driver, "verifying")
+    old_a, old_p = mf.usable(mf.active), mf.usable(mf.previous)  # a dangling link is not kept
+    if mf.broken:
+        notes.append(
+            f"{ep.name}: {t.model}: `active` points at {mf.active}, which is not a complete release "
+            "there (broken): this deploy replaces it"
+        )
+    restore_a = _rollback_choice(facts, mf, t, old_a or old_p)
+    steps += _activation(ep, t.model, t.version_id, old_a or old_p, driver, "verifying")
     compensation = _activation(ep, t.model, restore_a, old_p, driver, "rolled_back", compensating=True)
     steps.append(_verify(cfg, ep, t.model, t.version_id, "", report_only=False))
     steps.append(MarkGood(*base))
@@ -902,7 +907,9 @@ def endpoint_rollback_plan(
         steps: list[Step] = []
         if driver.signals_process:
             steps.append(CheckService(*base, pidfile=ep.pidfile, now=_service_check(ep, facts)[0]))
-        steps += _activation(ep, model, target, mf.active, driver, "unverified")
+        steps += _activation(
+            ep, model, target, mf.usable(mf.active) or mf.usable(mf.previous), driver, "unverified"
+        )
         steps.append(
             _verify(cfg, ep, model, target, " (report only: a manual rollback is not undone by itself)", True)
         )
