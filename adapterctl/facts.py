@@ -44,6 +44,14 @@ class ModelFacts:
         (a dangling `active`) is never a target to keep or return to."""
         return version if version in self.complete() else None
 
+    def keep_as_previous(self, target: str | None) -> str | None:
+        """What `previous` points at once `active` moves to `target`: the old `active`; when that link is
+        broken, the old `previous` instead (if complete, and not the target itself)."""
+        if not self.broken:
+            return self.active
+        kept = self.usable(self.previous)
+        return kept if kept != target else None
+
     @property
     def broken(self) -> bool:
         """`active` points at something that is not a complete release (deleted, partial, foreign)."""

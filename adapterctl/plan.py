@@ -631,15 +631,16 @@ def _deploy_txn(
             f"{ep.name}: {t.model}: `active` points at {mf.active}, which is not a complete release "
             "there (broken): this deploy replaces it"
         )
-    restore_a = _rollback_choice(facts, mf, t, old_a or old_p)
-    steps += _activation(ep, t.model, t.version_id, old_a or old_p, driver, "verifying")
+    kept = mf.keep_as_previous(t.version_id)
+    restore_a = _rollback_choice(facts, mf, t, kept)
+    steps += _activation(ep, t.model, t.version_id, kept, driver, "verifying")
     compensation = _activation(ep, t.model, restore_a, old_p, driver, "rolled_back", compensating=True)
     steps.append(_verify(cfg, ep, t.model, t.version_id, "", report_only=False))
     steps.append(MarkGood(*base))
     steps.append(
         Prune(
             *base,
-            names=tuple(_prune_list(mf, t.version_id, old_a, cfg.keep_releases)),
+            names=tuple(_prune_list(mf, t.version_id, kept, cfg.keep_releases)),
             keep=cfg.keep_releases,
         )
     )
@@ -651,7 +652,7 @@ def _deploy_txn(
         tuple(steps),
         tuple(compensation),
         before=(old_a, old_p),
-        target=(t.version_id, old_a),
+        target=(t.version_id, kept),
         restore=(restore_a, old_p),
     )
 
@@ -792,7 +793,7 @@ def plan_recovery(
         steps = [
             Swap(
                 *base,
-                active=mf.active if mf.active != "?" else before[0],
+                active=mf.usable(mf.active) or before[0],
                 previous=before[1],
                 status="unverified",
                 why=" — put back as they were before the interrupted deploy",
@@ -907,9 +908,7 @@ def endpoint_rollback_plan(
         steps: list[Step] = []
         if driver.signals_process:
             steps.append(CheckService(*base, pidfile=ep.pidfile, now=_service_check(ep, facts)[0]))
-        steps += _activation(
-            ep, model, target, mf.usable(mf.active) or mf.usable(mf.previous), driver, "unverified"
-        )
+        steps += _activation(ep, model, target, mf.keep_as_previous(target), driver, "unverified")
         steps.append(
             _verify(cfg, ep, model, target, " (report only: a manual rollback is not undone by itself)", True)
         )
