@@ -536,13 +536,7 @@ def gc(
             models = [m for m in cfg.models if ep.serves(m)]
             try:
                 if not dry_run:
-                    holder = {
-                        "user": identity.user,
-                        "host": identity.host,
-                        "pid": identity.pid,
-                        "deployment_id": gc_id,
-                        "command": opts.command or "adapterctl gc",
-                    }
+                    holder = locks.holder(identity, gc_id, opts.command or "adapterctl gc", opts.clock())
                     locks.acquire(
                         tr, ep, holder, identity, opts.break_lock, cfg.lock_stale_after_s, opts.progress, log
                     )

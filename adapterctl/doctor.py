@@ -126,7 +126,7 @@ def check_endpoint(cfg: Config, ep: EndpointConfig, tr: Transport, manifest: Man
             add(
                 "reload confirmation",
                 None,
-                f"no {loaded_file(ep)}: reloads cannot be confirmed",
+                f"no {loaded_file(ep.pidfile)}: reloads cannot be confirmed",
                 "use adapterctl.serving.AdapterReloader in the service (it writes loaded.json)",
             )
     elif ep.reload_method == "restart":

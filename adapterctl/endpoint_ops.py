@@ -437,6 +437,15 @@ def facts(adapter_dir, models, pidfile=None, compat_links=None, loaded_file=None
     return out
 
 
+def _piece_base(name):
+    """The file name an in-progress piece is for (`.name.partial` of a local copy, rsync's
+    `.name.XXXXXX`), or None for any other name."""
+    if name.startswith(".") and name.endswith(".partial"):
+        return name[1 : -len(".partial")]
+    m = _RSYNC_TEMP.match(name)
+    return m.group(1) if m else None
+
+
 def _staged_sizes(path):
     """{rel: size} of what a staging dir holds; resumable pieces as "partial:rel" (for the plan)."""
     sizes = {}
@@ -447,8 +456,7 @@ def _staged_sizes(path):
             if rel.startswith(PARTIAL_DIR + os.sep):
                 rel = "partial:" + rel[len(PARTIAL_DIR) + 1 :]
             elif name.startswith("."):
-                m = _RSYNC_TEMP.match(name)
-                base = name[1 : -len(".partial")] if name.endswith(".partial") else m.group(1) if m else None
+                base = _piece_base(name)
                 if base is None:
                     continue
                 rel = "partial:" + os.path.normpath(os.path.join(os.path.dirname(rel), base))
@@ -458,10 +466,8 @@ def _staged_sizes(path):
 
 
 def _piece_of(name, reldir, files):
-    """The expected file an in-progress piece (`.name.partial` of a local copy, rsync's `.name.XXXXXX`)
-    belongs to, or None."""
-    m = _RSYNC_TEMP.match(name)
-    base = name[1 : -len(".partial")] if name.endswith(".partial") else m.group(1) if m else None
+    """The expected file an in-progress piece belongs to, or None."""
+    base = _piece_base(name)
     rel = os.path.normpath(os.path.join(reldir, base)) if base else None
     return rel if rel in files else None
 
@@ -930,7 +936,8 @@ def journal_append(adapter_dir, records):
 
 
 # -- leftovers (doctor, gc) -------------------------------------------------------------------
-def _tree_size(path):
+def tree_size(path):
+    """Bytes of a file, link, or every file under a directory (links not followed)."""
     if os.path.islink(path) or not os.path.isdir(path):
         return os.lstat(path).st_size
     total = 0
@@ -939,6 +946,17 @@ def _tree_size(path):
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_size
     return total
+
+
+def remove_path(path):
+    """Remove a file, link or whole tree, read-only release files included (never follows a link)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        for dirpath, _dirs, filenames in os.walk(path):
+            for fn in filenames:
+                os.chmod(os.path.join(dirpath, fn), 0o644)
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
 
 
 @op
@@ -962,7 +980,7 @@ def leftovers(adapter_dir, models, keep=()):
         for name in sorted(os.listdir(mdir)) if os.path.isdir(mdir) else []:
             if name.endswith(".swap") or temp.match(name):
                 found.append((os.path.join(mdir, name), "temp link of an interrupted swap"))
-    return [{"path": p, "bytes": _tree_size(p), "what": w} for p, w in found]
+    return [{"path": p, "bytes": tree_size(p), "what": w} for p, w in found]
 
 
 @op
@@ -970,14 +988,7 @@ def remove_leftovers(adapter_dir, models, keep=()):
     """Remove what `leftovers` lists (caller holds the endpoint lock). Returns what was removed."""
     removed = leftovers(adapter_dir, models, keep)
     for item in removed:
-        path = item["path"]
-        if os.path.isdir(path) and not os.path.islink(path):
-            for dirpath, _dirs, filenames in os.walk(path):
-                for fn in filenames:
-                    os.chmod(os.path.join(dirpath, fn), 0o644)
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.unlink(path)
+        remove_path(item["path"])
     return removed
 
 
@@ -991,10 +1002,7 @@ def prune(adapter_dir, model, names):
         target = os.path.join(rdir, _check("version id", name, _VERSION))
         if name in protected or not os.path.isdir(target):
             continue
-        for dirpath, _dirs, filenames in os.walk(target):
-            for fn in filenames:
-                os.chmod(os.path.join(dirpath, fn), 0o644)
-        shutil.rmtree(target)
+        remove_path(target)
         removed.append(name)
     sdir = os.path.join(_model_dir(adapter_dir, model), "staging")
     for name in sorted(os.listdir(sdir)) if os.path.isdir(sdir) else []:

@@ -157,14 +157,7 @@ class Executor:
         ep = self.cfg.endpoints[name]
         lock_key, unlock_key = (self.index.get(id(s), "?") for s in eplan.lock_steps)
         self.faults.at(lock_key, "before")
-        holder = {
-            "user": self.ctx.identity.user,
-            "host": self.ctx.identity.host,
-            "pid": self.ctx.identity.pid,
-            "deployment_id": self.plan.deployment_id,
-            "started_at": iso(self.ctx.clock()),
-            "command": self.ctx.command,
-        }
+        holder = locks.holder(self.ctx.identity, self.plan.deployment_id, self.ctx.command, self.ctx.clock())
         try:
             locks.acquire(
                 tr,
@@ -412,12 +405,8 @@ class Executor:
         )
 
 
-class _Set:
-    def wait(self) -> None:
-        return None
-
-
-_SET = _Set()
+_SET = threading.Event()  # what a model with no version step in this run waits on: already set
+_SET.set()
 
 
 def execute(plan: Plan, ctx: RunContext) -> Report:

@@ -229,12 +229,12 @@ def compat_link_paths(ep: EndpointConfig) -> dict[str, str]:
     return {os.path.join(parent, rel): model for rel, model in ep.compat_links.items()}
 
 
-def loaded_file(ep: EndpointConfig, model: str | None = None) -> str | None:
-    """Where the serving helper reports what it loaded, beside the pidfile: loaded.json (the latest
+def loaded_file(pidfile: str | None, model: str | None = None) -> str | None:
+    """Where the serving helper reports what it loaded, beside its pidfile: loaded.json (the latest
     report) or, for one model of a process that serves several, loaded.<model>.json."""
-    if not ep.pidfile:
+    if not pidfile:
         return None
-    return os.path.join(os.path.dirname(ep.pidfile), f"loaded.{model}.json" if model else "loaded.json")
+    return os.path.join(os.path.dirname(pidfile), f"loaded.{model}.json" if model else "loaded.json")
 
 
 def gather(ep: EndpointConfig, transport: Transport, models: list[str]) -> EndpointFacts:
@@ -245,7 +245,7 @@ def gather(ep: EndpointConfig, transport: Transport, models: list[str]) -> Endpo
         models=models,
         pidfile=ep.pidfile if ep.reload_method in ("sigusr1", "restart") else None,
         compat_links=compat_link_paths(ep),
-        loaded_file=loaded_file(ep),
+        loaded_file=loaded_file(ep.pidfile),
         base_gguf=ep.base_gguf.path if ep.base_gguf else None,
     )
     return parse(ep.name, raw, ep.adapter_dir)

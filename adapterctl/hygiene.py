@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterctl.endpoint_ops import pid_alive
+from adapterctl.endpoint_ops import pid_alive, remove_path, tree_size
 
 _PID_TEMP = re.compile(r"^\..+\.incoming\.(\d+)$|^\..+\.tmp-(\d+)$|^\..+\.(\d+)\.tmp$")
 
@@ -27,12 +26,6 @@ class Leftover:
     path: str
     bytes: int
     what: str
-
-
-def _size(path: Path) -> int:
-    if path.is_symlink() or not path.is_dir():
-        return path.lstat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def local_leftovers(store: Path) -> list[Leftover]:
@@ -53,7 +46,7 @@ def local_leftovers(store: Path) -> list[Leftover]:
             pid = next((g for g in m.groups() if g), None) if m else None
             if pid is not None and not pid_alive(int(pid)):
                 what = "store copy" if ".incoming." in entry.name else "temp of an interrupted write or build"
-                found.append(Leftover("local", str(entry), _size(entry), what))
+                found.append(Leftover("local", str(entry), tree_size(str(entry)), what))
     for path, size in stale_control_dirs():
         found.append(Leftover("local", str(path), size, "SSH control dir of a run that is gone"))
     return found
@@ -62,14 +55,7 @@ def local_leftovers(store: Path) -> list[Leftover]:
 def remove_local(items: list[Leftover]) -> list[Leftover]:
     removed = []
     for item in items:
-        path = Path(item.path)
-        if path.is_dir() and not path.is_symlink():
-            for p in path.rglob("*"):
-                if p.is_file() and not p.is_symlink():
-                    os.chmod(p, 0o644)  # store copies are read-only
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-        if not os.path.lexists(path):
+        remove_path(item.path)
+        if not os.path.lexists(item.path):
             removed.append(item)
     return removed

@@ -4,17 +4,30 @@ lock file that names nobody; and breaking one, logged."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from adapterctl.config import EndpointConfig
 from adapterctl.errors import LockHeld
 from adapterctl.facts import LockFacts
-from adapterctl.identity import Identity
+from adapterctl.identity import Identity, iso
 from adapterctl.transports.base import Transport
 
 
 def _facts(raw: dict[str, Any]) -> LockFacts:
     return LockFacts.parse(raw)
+
+
+def holder(identity: Identity, deployment_id: str, command: str, now: datetime) -> dict[str, Any]:
+    """What a lock records about who took it."""
+    return {
+        "user": identity.user,
+        "host": identity.host,
+        "pid": identity.pid,
+        "deployment_id": deployment_id,
+        "started_at": iso(now),
+        "command": command,
+    }
 
 
 def holder_dead(lock: LockFacts, identity: Identity) -> bool:

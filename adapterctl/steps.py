@@ -53,8 +53,8 @@ class RunState:
         with self.guard:
             return self.convert_locks.setdefault(key, threading.Lock())
 
-    def weights_sha(self, model: str, version: str | None) -> str | None:
-        """The manifest's sha256 of a version's weights (identity check of a reload), None if unknown."""
+    def entry(self, model: str, version: str | None) -> dict[str, Any] | None:
+        """The manifest's entry of a version, read once per run (again if it was registered since)."""
         from adapterctl.manifest import Manifest
 
         if version is None:
@@ -63,6 +63,11 @@ class RunState:
         if entry is None:  # registered during this run: read again
             self.manifest = Manifest.load(self.cfg.store)
             entry = self.manifest.version(model, version)
+        return entry
+
+    def weights_sha(self, model: str, version: str | None) -> str | None:
+        """The manifest's sha256 of a version's weights (identity check of a reload), None if unknown."""
+        entry = self.entry(model, version)
         return entry["sha256"] if entry else None
 
     def artifact_files(self, step: Any) -> tuple[dict[str, str], str | None]:

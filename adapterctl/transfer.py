@@ -76,12 +76,10 @@ def publish_release(ctx: StepContext, step: Publish) -> None:
     """Hash the staged files on the endpoint and rename staging → releases/{id}. Files that fail the
     hash check were removed there; if they came from the basis release they are re-sent once, with
     the basis re-hashed, so a damaged basis never spreads into the new release."""
-    from adapterctl.manifest import Manifest
-
     run, tr = ctx.run, ctx.transport
     files, src = run.artifact_files(step)
     artifact = run.artifacts.get(step.key) if step.key else None
-    entry = Manifest.load(run.cfg.store).version(step.model, step.version) or {}
+    entry = run.entry(step.model, step.version) or {}
     meta = {
         "created": run.clock().strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sha256": entry.get("sha256") or files.get("adapter_model.safetensors"),

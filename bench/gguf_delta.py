@@ -413,6 +413,10 @@ def main() -> None:
         print(json.dumps([asdict(r) for r in results], indent=2))
     else:
         print_table(results)
+    failed = [r.model for r in results if r.errors or r.ratio is None]
+    if failed:  # a run that did not happen meets no goal
+        print(f"FAILED: {', '.join(failed)}: no ratio measured, see the errors above", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,14 @@ class Workspace:
             )
         return proc
 
+    def cli_faulted(self, fault: str, *args: str, check: int | None = None) -> subprocess.CompletedProcess:
+        """Run the CLI with the executor's test hook ADAPTERCTL_FAULT=`fault` (see adapterctl/faults.py)."""
+        self.env["ADAPTERCTL_FAULT"] = fault
+        try:
+            return self.cli(*args, check=check)
+        finally:
+            del self.env["ADAPTERCTL_FAULT"]
+
     def cli_json(self, *args: str, check: int | None = None) -> dict | list:
         return json.loads(self.cli(*args, "--json", check=check).stdout)
 

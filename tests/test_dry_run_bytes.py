@@ -33,10 +33,6 @@ def test_dry_run_bytes_of_a_resumed_local_transfer_match_what_is_sent(workspace)
     ws.new_adapter(MODEL, "run1", seed=1, hidden=131072)
     argv = ["deploy", "--cycle", "1", "--models", MODEL, "--endpoints", "rtx-1"]
     total = json.loads(ws.cli(*argv, "--dry-run", "--json", check=0).stdout)["bytes_to_send"]
-    ws.env["ADAPTERCTL_FAULT"] = "bytes:8000000"
-    try:
-        assert ws.cli(*argv).returncode == -9
-    finally:
-        del ws.env["ADAPTERCTL_FAULT"]
+    assert ws.cli_faulted("bytes:8000000", *argv).returncode == -9
     planned, sent = _planned_and_sent(ws, argv)
     assert planned <= total - (8 << 20) and abs(sent - planned) <= planned * 0.01, (total, planned, sent)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,6 @@ from conftest import MODEL, write_config
 from adapterctl import endpoint_ops
 
 pytestmark = pytest.mark.heavy
-
-FAULT = "ADAPTERCTL_FAULT"
 
 
 def _parse_all(ws) -> None:
@@ -68,14 +65,6 @@ def _kill_points(plan: dict) -> list[str]:
     return ["0:before"] + [f"{i}:after" for i in range(len(plan["steps"]))]
 
 
-def _run_killed(ws, argv: list[str], point: str) -> subprocess.CompletedProcess:
-    ws.env[FAULT] = point
-    try:
-        return ws.cli(*argv)
-    finally:
-        del ws.env[FAULT]
-
-
 def _print_matrix(title: str, rows: list[tuple[str, str, str]]) -> None:
     print(f"\n{title}\n| kill point | step | converged |\n|---|---|---|")
     for point, step, ok in rows:
@@ -91,7 +80,7 @@ def _deploy_matrix(ws, endpoint: str, loaded: Path | None, title: str) -> None:
     steps = [f"{s['phase']}/{s['action']}" for s in plan["steps"]]
     for point in _kill_points(plan):
         ws.new_adapter(MODEL, f"run{cycle}", seed=cycle)
-        killed = _run_killed(ws, argv(cycle), point)
+        killed = ws.cli_faulted(point, *argv(cycle))
         assert killed.returncode == -9, f"{point}: exit {killed.returncode}\n{killed.stderr}"
         _active_complete(ws.endpoints[endpoint])
         _parse_all(ws)
@@ -116,7 +105,7 @@ def _rollback_matrix(ws, endpoint: str, loaded: Path | None, title: str) -> None
     for point in _kill_points(plan):
         adir = ws.endpoints[endpoint]
         want = os.readlink(adir / MODEL / "previous").rsplit("/", 1)[-1]
-        killed = _run_killed(ws, argv, point)
+        killed = ws.cli_faulted(point, *argv)
         assert killed.returncode == -9, f"{point}: exit {killed.returncode}\n{killed.stderr}"
         now = _active_complete(adir)
         _parse_all(ws)
@@ -164,7 +153,7 @@ def test_kill_after_the_swap_with_a_service_that_fails_verify_rolls_back_on_reru
     argv = ["deploy", "--cycle", "2", "--models", MODEL, "--endpoints", "rtx-1"]
     plan = ws.cli_json(*argv, "--dry-run", check=0)
     swap = next(i for i, s in enumerate(plan["steps"]) if s["action"] == "swap")
-    killed = _run_killed(ws, argv, f"{swap}:after")
+    killed = ws.cli_faulted(f"{swap}:after", *argv)
     assert killed.returncode == -9
     status = ws.cli("status", "--endpoints", "rtx-1", check=0).stdout
     assert "interrupted (swapped)" in status and "reload and verify it now" in status, status
@@ -201,7 +190,7 @@ def test_kill_inside_the_compensation_is_finished_by_the_next_command(workspace)
     for j, point in enumerate(["c0:after", "c1:after"]):
         ws.new_adapter(MODEL, f"run{j + 2}", seed=j + 2)
         argv = ["deploy", "--cycle", str(j + 2), "--models", MODEL, "--endpoints", "rtx-1"]
-        killed = _run_killed(ws, argv, point)
+        killed = ws.cli_faulted(point, *argv)
         assert killed.returncode == -9, killed.stderr
         _active_complete(ws.endpoints["rtx-1"])
         again = ws.cli(*argv)
@@ -218,7 +207,7 @@ def test_a_transfer_killed_halfway_resumes_and_sends_about_the_missing_half(work
     argv = ["deploy", "--cycle", "1", "--models", MODEL, "--endpoints", "rtx-1"]
     plan = ws.cli_json(*argv, "--dry-run", check=0)
     total = plan["bytes_to_send"]
-    killed = _run_killed(ws, argv, f"bytes:{total // 2}")
+    killed = ws.cli_faulted(f"bytes:{total // 2}", *argv)
     assert killed.returncode == -9
     again = ws.cli_json(*argv, check=0)
     [o] = again["outcomes"]

@@ -34,7 +34,6 @@ from test_fault_matrix import (
     _parse_all,
     _print_matrix,
     _rollback_matrix,
-    _run_killed,
 )
 from test_ssh import (  # noqa: F401 - ssh_workspace and tmpfs are fixtures
     combined,
@@ -194,11 +193,7 @@ def test_remote_disk_full_mid_transfer_on_the_bsd_host_then_space_freed_the_reru
     deploy(ws, 1, "mac-1", models=[MODEL], check=0)
     v1 = ws.vid(1)
     ws.new_adapter(MODEL, "run2", seed=2, hidden=16384)  # 2 MiB of weights on a 1 MiB disk
-    ws.env["ADAPTERCTL_FAULT"] = "no-space-check"
-    try:
-        proc = deploy(ws, 2, "mac-1", models=[MODEL])
-    finally:
-        del ws.env["ADAPTERCTL_FAULT"]
+    proc = ws.cli_faulted("no-space-check", *deploy_argv(2, ("mac-1",), [MODEL]))
     text = combined(proc)
     assert proc.returncode == 1, text
     assert "No space left" in text and "disk is full" in text and "Traceback" not in text, text
@@ -234,7 +229,7 @@ def test_service_killed_at_the_reload_never_leaves_an_unverified_active_and_conv
     argv = deploy_argv(2, (endpoint,), [MODEL])
     plan = ws.cli_json(*argv, "--dry-run", check=0)
     [reload] = [i for i, s in enumerate(plan["steps"]) if s["action"] == "reload"]
-    killed = _run_killed(ws, argv, f"{reload}:before")
+    killed = ws.cli_faulted(f"{reload}:before", *argv)
     assert killed.returncode == -9, combined(killed)
     v2 = ws.vid(2)
     assert _active_complete(adir) == v2, "killed before the reload, after the swap"

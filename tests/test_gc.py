@@ -24,11 +24,7 @@ def test_doctor_lists_leftovers_and_gc_removes_them_but_keeps_a_resumable_stagin
     # a deploy killed mid-transfer: its staging is resumable and belongs to an open transaction
     ws.new_adapter(MODEL, "run2", seed=2, hidden=131072)
     argv = ["deploy", "--cycle", "2", "--models", MODEL, "--endpoints", "rtx-1"]
-    ws.env["ADAPTERCTL_FAULT"] = "bytes:4000000"
-    try:
-        assert ws.cli(*argv).returncode == -9
-    finally:
-        del ws.env["ADAPTERCTL_FAULT"]
+    assert ws.cli_faulted("bytes:4000000", *argv).returncode == -9
     staging = adir / MODEL / "staging"
     [resumable] = os.listdir(staging)
 

@@ -482,11 +482,8 @@ def test_remote_disk_full_mid_transfer_fails_clearly_cleans_staging_and_keeps_ac
     v1 = ws.vid(1)
     ws.new_adapter(MODEL, "run2", seed=2, hidden=16384)  # 2 MiB of weights on a 1 MiB disk
     before = tree_digest(ws.release("linux-2", v1))
-    ws.env["ADAPTERCTL_FAULT"] = "no-space-check"  # test hook: as if the space went after planning
-    try:
-        proc = deploy(ws, 2, "linux-2", models=[MODEL])
-    finally:
-        del ws.env["ADAPTERCTL_FAULT"]
+    # test hook: as if the space went after planning
+    proc = ws.cli_faulted("no-space-check", *deploy_argv(2, ("linux-2",), [MODEL]))
     text = combined(proc)
     assert proc.returncode == 1, text
     assert "No space left" in text and "disk is full" in text, text

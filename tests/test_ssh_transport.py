@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import sshhosts
+from test_serving import wait_for
 
 from adapterctl.errors import TransportError, UsageError
 from adapterctl.transports import ssh
@@ -232,15 +233,6 @@ def transport(cfg: Path, alias: str, **opts) -> SSHTransport:
     return SSHTransport("ep", alias, SSHOptions(ssh_config=cfg, **opts))
 
 
-def wait_for(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-    return result
-
-
 def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
     """Run fn in a thread; the dict gets "result" or "error"."""
     out: dict = {}
@@ -391,7 +383,7 @@ def test_sshd_killed_mid_operation_says_connection_lost_and_the_next_call_reconn
         assert tr.call("read_json", path=str(fifo) + ".none") is None
         first = tr._client
         t, out = in_thread(tr.call, "read_json", path=str(fifo))
-        writer = wait_for(lambda: fifo_writer(fifo), "the op to open the fifo")
+        writer = wait_for(lambda: fifo_writer(fifo), "the op to open the fifo", timeout=30.0)
         assert hosts.kill_connections("target", local_port(tr))
         t.join(timeout=60)
         os.close(writer)
@@ -403,7 +395,7 @@ def test_sshd_killed_mid_operation_says_connection_lost_and_the_next_call_reconn
 
         # the same for a remote command (`run`)
         t, out = in_thread(tr.run, ["sleep", "4321.5"])
-        sleeper = wait_for(lambda: _processes_with_args(b"sleep\x004321.5"), "the remote sleep")
+        sleeper = wait_for(lambda: _processes_with_args(b"sleep\x004321.5"), "the remote sleep", timeout=30.0)
         hosts.kill_connections("target", local_port(tr))
         t.join(timeout=60)
         for pid in sleeper:
@@ -423,7 +415,7 @@ def test_network_drop_mid_operation_and_while_idle(hosts, tmp_path):
         with transport(cfg, "target-relay") as tr:
             assert tr.call("read_json", path=str(fifo) + ".none") is None
             t, out = in_thread(tr.call, "read_json", path=str(fifo))
-            writer = wait_for(lambda: fifo_writer(fifo), "the op to open the fifo")
+            writer = wait_for(lambda: fifo_writer(fifo), "the op to open the fifo", timeout=30.0)
             assert relay.cut() == 1
             t.join(timeout=60)
             os.close(writer)
@@ -432,7 +424,7 @@ def test_network_drop_mid_operation_and_while_idle(hosts, tmp_path):
             # dropped between two calls: the next one just connects again (nothing was sent)
             transport_before = tr._client.get_transport()
             assert relay.cut() == 1
-            wait_for(lambda: not transport_before.is_active(), "paramiko to see the drop")
+            wait_for(lambda: not transport_before.is_active(), "paramiko to see the drop", timeout=30.0)
             assert tr.call("read_json", path=str(fifo) + ".none") is None
             assert relay.cuts == 2
         fifo.unlink()

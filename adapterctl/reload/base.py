@@ -7,7 +7,6 @@ from the config and the endpoint's facts; steps hold it, and `--dry-run` prints 
 
 from __future__ import annotations
 
-import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from adapterctl.errors import PhaseError
+from adapterctl.facts import loaded_file
 from adapterctl.transports.base import Transport
 
 
@@ -74,8 +74,7 @@ class ReloadDriver(ABC):
     def report_paths(self, model: str) -> tuple[str, str] | None:
         if not self.pidfile:
             return None
-        d = os.path.dirname(self.pidfile)
-        return os.path.join(d, f"loaded.{model}.json"), os.path.join(d, "loaded.json")
+        return loaded_file(self.pidfile, model), loaded_file(self.pidfile)
 
     def read_report(self, io: ReloadIO) -> tuple[str | None, Mapping[str, Any] | None]:
         """(path, content) of the service's report for this model: loaded.<model>.json when the service
